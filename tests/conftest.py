@@ -1,0 +1,21 @@
+"""Shared test helpers: the path to ../shared and hypothesis settings for the whole suite."""
+import os
+import pathlib
+
+import pytest
+from hypothesis import settings
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+# Small example counts and no deadline: the suite runs on 2 shared CPU cores.
+settings.register_profile("ci", max_examples=15, deadline=None, derandomize=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def shared_path(*parts: str) -> pathlib.Path:
+    """Path inside ../shared, skipping the calling test with a reason when it is absent."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent: the ../shared fixtures are not checked out beside the repo")
+    return path
