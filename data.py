@@ -298,16 +298,15 @@ def valid_mask(input_size, size: int) -> torch.Tensor:
     return out[0] if single else out
 
 
-def _make_item(index, image, mask, orig_size, ids, word_mask, image_size, ref_id, sent_id, image_id, sentence):
+def _make_item(index, image_t, mask, orig_size, ids, word_mask, image_size, ref_id, sent_id, image_id, sentence):
     """The one item dict shared by every dataset (same keys in every split).
 
-    `image` is a PIL image or None (load_images=False gives an empty tensor, shape (0,)).
+    `image_t` is the transformed image (3, S, S) or None (load_images=False: an empty tensor, shape (0,)).
     """
     H, W = orig_size
-    if image is None:
-        image_t, input_size = torch.zeros(0), resize_longest_side(H, W, image_size)
-    else:
-        image_t, input_size = transform_image(image, image_size)
+    input_size = resize_longest_side(H, W, image_size)
+    if image_t is None:
+        image_t = torch.zeros(0)
     return {
         "image": image_t,  # (3, S, S) or (0,)
         "mask": transform_mask(mask, image_size),  # (S, S)
@@ -321,6 +320,27 @@ def _make_item(index, image, mask, orig_size, ids, word_mask, image_size, ref_id
         "sentence": sentence,
         "index": int(index),
     }
+
+
+class _TransformedImages:
+    """The last few transformed images of a dataset, by image id.
+
+    Image-grouped batches (see `ImageGroupedBatchSampler`) hold several sentences of one picture;
+    with this cache each picture is decoded and resized once per batch, not once per sentence.
+    Each DataLoader worker holds its own copy, and a batch is built by one worker.
+    """
+
+    def __init__(self, load_image, image_size: int, capacity: int = 16):
+        self.load_image, self.image_size, self.capacity = load_image, image_size, capacity
+        self.entries: dict[int, torch.Tensor] = {}  # insertion order = age
+
+    def __call__(self, image_id: int) -> torch.Tensor:
+        """(3, S, S) normalised, padded image `image_id`."""
+        if image_id not in self.entries:
+            if len(self.entries) >= self.capacity:
+                self.entries.pop(next(iter(self.entries)))  # drop the oldest
+            self.entries[image_id] = transform_image(self.load_image(image_id), self.image_size)[0]
+        return self.entries[image_id]
 
 
 # ============================================================================================
@@ -488,6 +508,7 @@ class RefDataset(Dataset):
         self.image_ids = [r["image_id"] for r, _ in self.items]
         self.sentences = [s["sent"] for _, s in self.items]
         self.ids, self.word_mask = tokenize(self.sentences, self.context_length)  # (N, L) each
+        self._images = _TransformedImages(self.load_image, image_size)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -515,7 +536,7 @@ class RefDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         ref, sent = self.items[index]
         entry = self.images[ref["image_id"]]
-        image = self.load_image(ref["image_id"]) if self.load_images else None
+        image = self._images(ref["image_id"]) if self.load_images else None
         return _make_item(index, image, self.original_mask(index), (entry["height"], entry["width"]),
                           self.ids[index], self.word_mask[index], self.image_size,
                           ref["ref_id"], sent["sent_id"], ref["image_id"], sent["sent"])
@@ -761,6 +782,7 @@ class ShapesDataset(Dataset):
         self.image_ids = [i for i, _, _ in self.items]
         self.sentences = [e for _, _, e in self.items]
         self.ids, self.word_mask = tokenize(self.sentences, context_length)  # (N, L) each
+        self._images = _TransformedImages(self.load_image, image_size)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -777,11 +799,114 @@ class ShapesDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         image_id, obj, expr = self.items[index]
         scene = self.scenes[image_id]
-        image = self.load_image(image_id) if self.load_images else None
+        image = self._images(image_id) if self.load_images else None
         ref_id = image_id * 8 + obj  # at most 6 objects per scene: a unique id per object
         return _make_item(index, image, self.original_mask(index), (scene.height, scene.width),
                           self.ids[index], self.word_mask[index], self.image_size,
                           ref_id, index, image_id, expr)
+
+
+# ============================================================================================
+# --- Image-grouped batching: one frozen-encoder pass per distinct image (DESIGN.md §7) ---
+# ============================================================================================
+# RefCOCO has about 7 sentences per image. Putting several sentences of one image in a batch and
+# running SAM's encoder on the batch's distinct images only cuts encoder work several times over;
+# the model indexes the per-image features per sentence (MARIS.forward's `image_index`).
+
+
+class ImageGroupedBatchSampler(torch.utils.data.Sampler):
+    """Batches of dataset indices in which sentences of the same image sit together.
+
+    Each epoch: the images are shuffled, each image's sentences are shuffled and cut into chunks of
+    at most `sentences_per_image`, the chunks are shuffled, and the chunk sequence is cut into
+    batches of `batch_size` sentences. The order is a pure function of (seed, epoch), so a resumed
+    run replays it exactly. Under DDP every rank takes every `num_replicas`-th batch (the batch
+    list is padded by wrapping around so all ranks step the same number of times).
+
+    Args:
+        image_ids: image id of every item, in item order (`dataset.image_ids`).
+        batch_size: sentences per batch (per process).
+        sentences_per_image: the most sentences of one image kept together (None: all of them).
+            1 gives ordinary i.i.d. sentence batches.
+        shuffle: False keeps item order (evaluation: sentences of an image are already adjacent).
+        seed, drop_last, num_replicas, rank: as torch's DistributedSampler.
+    Raises:
+        ValueError: batch_size or sentences_per_image < 1, or rank outside [0, num_replicas).
+    """
+
+    def __init__(self, image_ids, batch_size: int, *, sentences_per_image: int | None = None, shuffle: bool = True,
+                 seed: int = 0, drop_last: bool = False, num_replicas: int = 1, rank: int = 0):
+        if batch_size < 1 or (sentences_per_image is not None and sentences_per_image < 1):
+            raise ValueError(f"batch_size ({batch_size}) and sentences_per_image ({sentences_per_image}) must be >= 1")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside [0, {num_replicas})")
+        self.batch_size, self.k, self.shuffle = batch_size, sentences_per_image, shuffle
+        self.seed, self.drop_last, self.num_replicas, self.rank = seed, drop_last, num_replicas, rank
+        self.epoch = 0
+        self.groups: dict[int, list[int]] = {}  # image id -> its item indices, in item order
+        for index, image_id in enumerate(image_ids):
+            self.groups.setdefault(int(image_id), []).append(index)
+        self.num_items = len(image_ids)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's order (call before iterating, as with DistributedSampler)."""
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        """All batches of the epoch, before the split across ranks."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        images = list(self.groups)
+        if self.shuffle:
+            images = [images[i] for i in rng.permutation(len(images))]
+        chunks = []
+        for image_id in images:
+            items = self.groups[image_id]
+            if self.shuffle:
+                items = [items[i] for i in rng.permutation(len(items))]
+            k = self.k or len(items)
+            chunks += [items[j:j + k] for j in range(0, len(items), k)]
+        if self.shuffle:
+            chunks = [chunks[i] for i in rng.permutation(len(chunks))]
+        flat = [index for chunk in chunks for index in chunk]
+        batches = [flat[j:j + self.batch_size] for j in range(0, len(flat), self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        if self.num_replicas > 1 and batches:  # wrap around so every rank gets as many batches
+            short = -len(batches) % self.num_replicas
+            batches += [batches[j % len(batches)] for j in range(short)]
+        return batches
+
+    def __iter__(self):
+        return iter(self._batches()[self.rank::self.num_replicas])
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            n = self.num_items // self.batch_size
+        else:
+            n = -(-self.num_items // self.batch_size)  # ceil
+        return -(-n // self.num_replicas)
+
+
+def collate_images(items: list[dict]) -> dict:
+    """Collate item dicts, keeping each distinct image once.
+
+    Returns the default-collated batch without "image", plus
+        images       FloatTensor (B_img, 3, S, S): the batch's distinct images, first-seen order
+                     (shape (0,) when the items carry no pixels, load_images=False)
+        image_index  LongTensor (B,): row of `images` for each sentence
+        image_ids    LongTensor (B_img,): image id of each row of `images`
+    """
+    rows: dict[int, int] = {}  # image id -> row in images
+    image_index = [rows.setdefault(item["image_id"], len(rows)) for item in items]
+    firsts = {}
+    for item in items:
+        firsts.setdefault(item["image_id"], item["image"])
+    batch = torch.utils.data.default_collate([{k: v for k, v in item.items() if k != "image"} for item in items])
+    pictures = list(firsts.values())
+    batch["images"] = torch.stack(pictures) if pictures[0].numel() else torch.zeros(0)  # (B_img, 3, S, S)
+    batch["image_index"] = torch.tensor(image_index, dtype=torch.long)  # (B,)
+    batch["image_ids"] = torch.tensor(list(rows), dtype=torch.long)  # (B_img,)
+    return batch
 
 
 # ============================================================================================

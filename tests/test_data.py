@@ -608,3 +608,101 @@ def test_shapes_unknown_split():
     """An unknown shapes split names the value."""
     with pytest.raises(ValueError, match="'dev'"):
         data.ShapesDataset("dev")
+
+
+# ============================================================================================
+# Image-grouped batching
+# ============================================================================================
+
+image_id_lists = st.lists(st.integers(0, 12), min_size=1, max_size=60)
+
+
+@given(image_id_lists, st.integers(1, 9), st.one_of(st.none(), st.integers(1, 5)), st.integers(0, 3))
+def test_grouped_sampler_yields_every_item_once(image_ids, batch_size, k, epoch):
+    """One epoch of the grouped sampler is a partition of the dataset into batches of at most B."""
+    sampler = data.ImageGroupedBatchSampler(image_ids, batch_size, sentences_per_image=k, seed=3)
+    sampler.set_epoch(epoch)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(len(image_ids)))
+    assert all(1 <= len(b) <= batch_size for b in batches)
+    assert len(batches) == len(sampler)
+
+
+@given(image_id_lists, st.integers(1, 5))
+def test_grouped_sampler_keeps_chunks_of_one_image_together(image_ids, k):
+    """Consecutive runs of one image are at most k long and every image is split into ceil(n/k) runs."""
+    sampler = data.ImageGroupedBatchSampler(image_ids, 4, sentences_per_image=k, seed=0)
+    flat = [i for b in sampler for i in b]
+    runs, counts = [], {}
+    for index in flat:  # the stream is chunks of one image each, chunk after chunk
+        if runs and image_ids[runs[-1][-1]] == image_ids[index] and len(runs[-1]) < k:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    for run in runs:
+        counts[image_ids[run[0]]] = counts.get(image_ids[run[0]], 0) + 1
+    for image_id in set(image_ids):
+        n = image_ids.count(image_id)
+        assert counts[image_id] == -(-n // k)
+
+
+def test_grouped_sampler_order_is_a_function_of_seed_and_epoch():
+    """Same (seed, epoch) gives the same batches; another epoch gives another order."""
+    ids = [i // 3 for i in range(60)]
+    a, b = (data.ImageGroupedBatchSampler(ids, 8, seed=1) for _ in range(2))
+    a.set_epoch(2), b.set_epoch(2)
+    assert list(a) == list(b)
+    b.set_epoch(3)
+    assert list(a) != list(b)
+
+
+@given(image_id_lists, st.integers(1, 6), st.integers(2, 4), st.booleans())
+def test_grouped_sampler_ranks_cover_all_with_equal_lengths(image_ids, batch_size, world, drop_last):
+    """Under DDP every rank steps equally often and the ranks together cover every item (drop_last aside)."""
+    per_rank = [list(data.ImageGroupedBatchSampler(image_ids, batch_size, seed=5, drop_last=drop_last,
+                                                   num_replicas=world, rank=r)) for r in range(world)]
+    assert len({len(b) for b in per_rank}) == 1
+    assert all(len(b) == len(data.ImageGroupedBatchSampler(image_ids, batch_size, drop_last=drop_last,
+                                                           num_replicas=world)) for b in per_rank)
+    covered = {i for batches in per_rank for b in batches for i in b}
+    if not drop_last:
+        assert covered == set(range(len(image_ids)))
+
+
+def test_grouped_sampler_rejects_bad_arguments():
+    """Zero batch size, zero sentences per image and a rank outside the world are refused."""
+    with pytest.raises(ValueError, match="batch_size"):
+        data.ImageGroupedBatchSampler([0, 1], 0)
+    with pytest.raises(ValueError, match="sentences_per_image"):
+        data.ImageGroupedBatchSampler([0, 1], 2, sentences_per_image=0)
+    with pytest.raises(ValueError, match="rank 2"):
+        data.ImageGroupedBatchSampler([0, 1], 2, num_replicas=2, rank=2)
+
+
+def test_collate_images_keeps_each_image_once(shapes_val):
+    """collate_images stores each distinct picture once and image_index recovers every item's image."""
+    sampler = data.ImageGroupedBatchSampler(shapes_val.image_ids[:40], 7, shuffle=False)
+    batch_indices = next(iter(sampler))
+    items = [shapes_val[i] for i in batch_indices]
+    batch = data.collate_images(items)
+    assert batch["images"].shape[0] == len({it["image_id"] for it in items}) < len(items)
+    assert "image" not in batch
+    for row, item in enumerate(items):
+        torch.testing.assert_close(batch["images"][batch["image_index"][row]], item["image"], rtol=0, atol=0)
+        assert batch["image_ids"][batch["image_index"][row]] == item["image_id"]
+    torch.testing.assert_close(batch["ids"], torch.stack([it["ids"] for it in items]))
+
+
+def test_collate_images_without_pixels(shapes_val):
+    """With load_images=False the batch has an empty images tensor and still maps sentences to images."""
+    ds = data.ShapesDataset("val", num_images=3, image_size=64, load_images=False)
+    batch = data.collate_images([ds[i] for i in range(len(ds))])
+    assert batch["images"].numel() == 0
+    assert batch["image_ids"][batch["image_index"]].tolist() == ds.image_ids
+
+
+def test_transformed_image_cache_equals_a_fresh_transform(shapes_val):
+    """The per-dataset image cache returns exactly what transform_image computes, for many images."""
+    for image_id in list(range(20)) + [0, 1]:  # more ids than the cache holds, then old ones again
+        fresh = data.transform_image(shapes_val.load_image(image_id), shapes_val.image_size)[0]
+        torch.testing.assert_close(shapes_val._images(image_id), fresh, rtol=0, atol=0)
