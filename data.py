@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import html
 import json
+import os
 import pathlib
 import pickle
 import warnings
@@ -907,6 +908,109 @@ def collate_images(items: list[dict]) -> dict:
     batch["image_index"] = torch.tensor(image_index, dtype=torch.long)  # (B,)
     batch["image_ids"] = torch.tensor(list(rows), dtype=torch.long)  # (B_img,)
     return batch
+
+
+# ============================================================================================
+# --- Encoder feature cache: SAM's frozen outputs per image on disk (DESIGN.md §7) ---
+# ============================================================================================
+# With the encoder frozen, its outputs for an image never change, so they are computed once and
+# read back every epoch. One fp16 .npy file per image holds the neck embedding (C, H, W) and the
+# three Feature Enhancement taps (H, W, D) back to back; it is written to a temporary name and
+# renamed, so a killed run leaves each image's entry either complete or absent. meta.json records
+# what the features depend on, and a cache made for another encoder is refused, never mixed in.
+
+
+class FeatureCache:
+    """Memory-mapped fp16 cache of the frozen image encoder's outputs, one file per image.
+
+    Args:
+        root: cache directory (created if missing).
+        fingerprint: JSON-able dict of everything the features depend on (encoder settings and a
+            hash of its weights, image size, taps). Stored in `root/meta.json` on first use.
+        neck_shape: (C, H, W). tap_shape: (H, W, D). num_taps: taps per image (3).
+        rebuild: True deletes the entries of a cache whose fingerprint differs, instead of refusing.
+    Raises:
+        ValueError: `root` holds a cache with another fingerprint and rebuild is False; the message
+            names the fields that differ.
+    """
+
+    def __init__(self, root, fingerprint: dict, *, neck_shape, tap_shape, num_taps: int = 3, rebuild: bool = False):
+        self.root = pathlib.Path(root)
+        self.neck_shape, self.tap_shape, self.num_taps = tuple(neck_shape), tuple(tap_shape), num_taps
+        self.fingerprint = {**fingerprint, "neck_shape": list(self.neck_shape), "tap_shape": list(self.tap_shape),
+                            "num_taps": num_taps, "dtype": "float16"}
+        self.root.mkdir(parents=True, exist_ok=True)
+        meta = self.root / "meta.json"
+        if meta.exists():
+            old = json.loads(meta.read_text())
+            if old != self.fingerprint:
+                diff = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
+                if not rebuild:
+                    raise ValueError(f"feature cache {self.root} was built for another encoder or input: {diff} differ "
+                                     f"(cached {[old.get(k) for k in diff]}, now {[self.fingerprint.get(k) for k in diff]}). "
+                                     "Use another cache directory, or rebuild it.")
+                for entry in self.root.glob("*.npy"):
+                    entry.unlink()
+        tmp = meta.with_name(f"meta.json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.fingerprint, indent=1))
+        os.replace(tmp, meta)
+        self.neck_size = int(np.prod(self.neck_shape))
+        self.tap_size = int(np.prod(self.tap_shape))
+
+    @property
+    def bytes_per_image(self) -> int:
+        """Disk cost of one image: 2 bytes x (C*H*W + num_taps*H*W*D)."""
+        return 2 * (self.neck_size + self.num_taps * self.tap_size)
+
+    def path(self, image_id: int) -> pathlib.Path:
+        return self.root / f"{int(image_id)}.npy"
+
+    def __contains__(self, image_id: int) -> bool:
+        return self.path(image_id).exists()
+
+    def store(self, image_ids, features: dict) -> None:
+        """Write the features of a batch of images (rows of features["neck"], features["taps"][t])."""
+        neck = features["neck"].detach().to("cpu", torch.float16).flatten(1)  # (B, C*H*W)
+        taps = [t.detach().to("cpu", torch.float16).flatten(1) for t in features["taps"]]  # num_taps x (B, H*W*D)
+        flat = torch.cat([neck, *taps], dim=1).numpy()  # (B, C*H*W + num_taps*H*W*D)
+        for row, image_id in enumerate(image_ids):
+            path = self.path(image_id)
+            tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as f:
+                np.save(f, flat[row])
+            os.replace(tmp, path)  # atomic: the entry is complete or absent
+
+    def load(self, image_ids) -> dict:
+        """Features of cached images as float32: neck (B, C, H, W), taps num_taps x (B, H, W, D).
+
+        Raises:
+            ValueError: an entry is missing or has the wrong size (named).
+        """
+        rows = []
+        for image_id in image_ids:
+            try:
+                row = np.load(self.path(image_id), mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise ValueError(f"feature cache entry {self.path(image_id)} is missing or unreadable: {e}") from None
+            if row.shape != (self.neck_size + self.num_taps * self.tap_size,):
+                raise ValueError(f"feature cache entry {self.path(image_id)} has {row.shape} values, expected "
+                                 f"{self.neck_size + self.num_taps * self.tap_size}")
+            rows.append(torch.from_numpy(np.array(row, dtype=np.float32)))
+        flat = torch.stack(rows)  # (B, C*H*W + num_taps*H*W*D)
+        B = flat.shape[0]
+        neck, *taps = flat.split([self.neck_size] + [self.tap_size] * self.num_taps, dim=1)
+        return {"neck": neck.reshape(B, *self.neck_shape), "taps": [t.reshape(B, *self.tap_shape) for t in taps]}
+
+    def get(self, image_ids, encode) -> dict:
+        """Features of `image_ids`, computing and storing the missing ones with `encode(missing_ids)`.
+
+        `encode` returns the encoder's dict for the listed images, in that order.
+        """
+        image_ids = [int(i) for i in image_ids]
+        missing = [i for i in dict.fromkeys(image_ids) if i not in self]
+        if missing:
+            self.store(missing, encode(missing))
+        return self.load(image_ids)
 
 
 # ============================================================================================

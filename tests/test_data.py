@@ -706,3 +706,70 @@ def test_transformed_image_cache_equals_a_fresh_transform(shapes_val):
     for image_id in list(range(20)) + [0, 1]:  # more ids than the cache holds, then old ones again
         fresh = data.transform_image(shapes_val.load_image(image_id), shapes_val.image_size)[0]
         torch.testing.assert_close(shapes_val._images(image_id), fresh, rtol=0, atol=0)
+
+
+# ============================================================================================
+# Encoder feature cache
+# ============================================================================================
+
+
+def _features(n, C=4, H=3, D=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"neck": torch.randn(n, C, H, H, generator=g), "taps": [torch.randn(n, H, H, D, generator=g) for _ in range(3)]}
+
+
+def _cache(root, **fingerprint):
+    return data.FeatureCache(root, {"encoder": "tiny", **fingerprint}, neck_shape=(4, 3, 3), tap_shape=(3, 3, 5))
+
+
+def test_feature_cache_round_trip_is_fp16_exact(tmp_path):
+    """Stored features come back as their fp16 rounding, in the order asked for."""
+    cache, feats = _cache(tmp_path), _features(3)
+    cache.store([7, 8, 9], feats)
+    back = cache.load([9, 7])
+    torch.testing.assert_close(back["neck"], feats["neck"][[2, 0]].half().float(), rtol=0, atol=0)
+    for got, want in zip(back["taps"], feats["taps"]):
+        torch.testing.assert_close(got, want[[2, 0]].half().float(), rtol=0, atol=0)
+    assert cache.bytes_per_image == 2 * (4 * 9 + 3 * 9 * 5) == cache.path(7).stat().st_size - 128  # .npy header
+
+
+def test_feature_cache_computes_only_missing_images(tmp_path):
+    """get() encodes just the images not cached yet, once each, and returns rows in request order."""
+    cache, feats, calls = _cache(tmp_path), _features(4), []
+
+    def encode(ids):
+        calls.append(list(ids))
+        return {"neck": feats["neck"][ids], "taps": [t[ids] for t in feats["taps"]]}
+
+    cache.get([0, 1], encode)
+    out = cache.get([2, 1, 2, 3], encode)
+    assert calls == [[0, 1], [2, 3]]
+    torch.testing.assert_close(out["neck"], feats["neck"][[2, 1, 2, 3]].half().float(), rtol=0, atol=0)
+
+
+def test_feature_cache_refuses_another_fingerprint(tmp_path):
+    """A cache built for another encoder is refused with the differing fields named, or rebuilt on request."""
+    _cache(tmp_path, weights="aaa").store([1], _features(1))
+    with pytest.raises(ValueError, match=r"\['weights'\] differ"):
+        _cache(tmp_path, weights="bbb")
+    rebuilt = data.FeatureCache(tmp_path, {"encoder": "tiny", "weights": "bbb"}, neck_shape=(4, 3, 3),
+                                tap_shape=(3, 3, 5), rebuild=True)
+    assert 1 not in rebuilt
+    assert json.loads((tmp_path / "meta.json").read_text())["weights"] == "bbb"
+
+
+def test_feature_cache_killed_write_leaves_no_entry(tmp_path, monkeypatch):
+    """A write that dies half-way leaves the image absent (no torn entry), and the next get recomputes it."""
+    cache = _cache(tmp_path)
+
+    def dying_save(f, arr):
+        f.write(b"\\x93NUMPY partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data.np, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        cache.store([5], _features(1))
+    monkeypatch.undo()
+    assert 5 not in cache
+    with pytest.raises(ValueError, match="5.npy"):
+        cache.load([5])
