@@ -10,6 +10,11 @@ The whole model in one file, in data-flow order (DESIGN.md §3-§4):
     Mutual-Aware Mask Decoder (§4.5)    --> mask logits (B, 1, 4H, 4W)
     focal + dice losses (§4.6) on the logits upsampled to (S, S), padding ignored
 
+Optional, all off by default (with them off the model and its training are exactly MARIS):
+    RISAM's bottleneck adapters in every SAM block (§4.7), the only trainable encoder part;
+    MagNet's training-only Mask Grounding and cross-modal alignment losses (Chng et al.,
+    CVPR 2024, arXiv 2312.12198; §4.6), computed by `training_loss` with `MagNetHeads`.
+
 Shape letters, used in every comment of this file:
     B batch (sentences), B_img distinct images, S input side, H = W = S / 16 feature side,
     N = H * W visual tokens, D SAM ViT width, L text tokens, E CLIP text width,
@@ -133,6 +138,36 @@ class MarisConfig:
     focal_gamma: float = 2.0
     dice_smooth: float = 1.0  # added to numerator and denominator: empty-vs-empty scores 0
 
+    # MagNet's training add-ons (Chng et al., CVPR 2024; DESIGN §4.6), all off by default: with
+    # both weights at 0 training is exactly MARIS. Training-only heads, see `MagNetHeads`.
+    mask_grounding_weight: float = 0.0  # weight of the Mask Grounding cross-entropy
+    # NOTE(paper): the share of real word tokens masked, rounded, at least one per sentence
+    # that has a word (MagNet masks a random share of the tokens; the exact count rule is ours).
+    mask_ratio: float = 0.15
+    # Ablation: False drops the segmentation cue (F_v' pooled inside the ground-truth mask).
+    mask_grounding_use_mask: bool = True
+    # NOTE(paper): the masked copy of the expression runs through word_proj and the Mutual-Aware
+    # Attention blocks again (sharing F_v), and the head reads that pass's F_v' and F_l'. The
+    # main pass's F_v' has read the unmasked words through Vision-Guided Attention, so using it
+    # (False: cheaper) lets the head read the answer back from the visual map.
+    mask_grounding_fuse_masked: bool = True
+    # NOTE(paper): head = `mask_grounding_depth` x [word self-attention -> cross-attention to
+    # F_v' (+ cue token) -> FFN], each residual + LayerNorm (MagNet's fusion layout is not ours).
+    mask_grounding_depth: int = 1
+    # NOTE(paper): the vocabulary classifier is tied to CLIP's frozen token_embedding matrix
+    # (a Linear C -> E, then logits = x E_tok^T + bias), saving ~C x 49408 parameters; False
+    # uses a separate Linear(C -> vocab_size).
+    mask_grounding_tied_output: bool = True
+    alignment_weight: float = 0.0  # weight of the cross-modal alignment loss
+    # NOTE(paper): a fixed (not learned) temperature, CLIP's initial value.
+    alignment_temperature: float = 0.07
+    alignment_dim: int = 256  # width of the shared projection space of F_s and F_v' pixels
+
+    # RISAM's parameter-efficient fine-tuning of SAM's encoder (DESIGN §4.7), off by default.
+    adapters: bool = False
+    # NOTE(paper): bottleneck width = round(D * adapter_ratio) (RISAM's D -> D/4 -> D).
+    adapter_ratio: float = 0.25
+
     # Seed for building the model, so randomly initialised frozen encoders (no checkpoint) are
     # the same in every process: trainable weights + config then reproduce the model.
     init_seed: int = 0
@@ -232,6 +267,68 @@ def sam_encoder_taps(encoder: nn.Module, images: Tensor, taps: tuple[int, ...]
             kept[i] = x
     neck = encoder.neck(x.permute(0, 3, 1, 2))  # (B, D, H, W) -> (B, C, H, W)
     return neck, [kept[i] for i in taps]
+
+
+# --- RISAM adapters on SAM's ViT blocks (§4.7) ------------------------------------------------
+
+class BottleneckAdapter(nn.Module):
+    """Bottleneck adapter (Houlsby et al. 2019), RISAM's parameter-efficient fine-tuning of SAM.
+
+    adapter(x) = up(GELU(down(x))), D -> hidden -> D, token-wise. `up` starts at zero, so
+    `x + adapter(x)` is exactly `x` at initialisation and SAM's features are the starting point.
+    """
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(dim, hidden)
+        self.up = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (..., D) -> (..., D)."""
+        return self.up(F.gelu(self.down(x)))
+
+    def residual_hook(self, _module: nn.Module, _inputs: tuple, output: Tensor) -> Tensor:
+        """Forward hook: replace a sub-layer's output by output + adapter(output).
+
+        A bound method (not a closure), so `copy.deepcopy` / pickling of the model re-binds the
+        hook to the copied adapter instead of calling the original's.
+        """
+        return output + self(output)
+
+
+def attach_adapters(encoder: nn.Module, *, ratio: float) -> nn.ModuleList:
+    """Add residual bottleneck adapters after the attention and the MLP of every SAM ViT block.
+
+    segment-anything's code is not edited: each adapter is a forward hook on `blocks[i].attn`
+    and `blocks[i].mlp`, and the adapters live outside the encoder, so the encoder's state-dict
+    keys (and strict loading of official SAM checkpoints) are unchanged. A windowed block's
+    attention output arrives in window layout (B * windows, w, w, D), padding included; the
+    adapter is token-wise, so it commutes with SAM's window un-partition and cropping.
+
+    Args:
+        encoder: a SAM `ImageEncoderViT` (its `blocks` have `attn` and `mlp`).
+        ratio: bottleneck width / D.
+
+    Returns:
+        ModuleList with one ModuleDict(attn=, mlp=) of `BottleneckAdapter` per block; the
+        caller must keep it as a sub-module so that it trains and is saved.
+
+    Raises:
+        ValueError: ratio is not positive.
+    """
+    if ratio <= 0:
+        raise ValueError(f"adapter_ratio must be > 0, got {ratio}")
+    adapters = nn.ModuleList()
+    for block in encoder.blocks:
+        D = block.norm1.normalized_shape[0]
+        hidden = max(1, round(D * ratio))
+        pair = nn.ModuleDict(dict(attn=BottleneckAdapter(D, hidden), mlp=BottleneckAdapter(D, hidden)))
+        block.attn.register_forward_hook(pair["attn"].residual_hook)
+        block.mlp.register_forward_hook(pair["mlp"].residual_hook)
+        adapters.append(pair)
+    return adapters
 
 
 # --- Text encoder: CLIP text tower (frozen, §4.2) -------------------------------------------
@@ -677,6 +774,9 @@ class MARIS(nn.Module):
         for module in (self.image_encoder, self.text_encoder):
             module.requires_grad_(False)
             module.eval()
+        # RISAM adapters (§4.7): the only trainable part of the image encoder, kept outside it.
+        self.image_adapters = (attach_adapters(self.image_encoder, ratio=cfg.adapter_ratio)
+                               if cfg.adapters else None)
 
     def train(self, mode: bool = True) -> "MARIS":
         """Set training mode on the new modules; the frozen encoders stay in eval mode."""
@@ -691,7 +791,7 @@ class MARIS(nn.Module):
         return torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
 
     def encode_image(self, images: Tensor) -> dict:
-        """Run the frozen SAM image encoder.
+        """Run the frozen SAM image encoder (with its adapters when `cfg.adapters`).
 
         Args:
             images: (B_img, 3, S, S) normalised, padded images.
@@ -706,7 +806,10 @@ class MARIS(nn.Module):
         if images.dim() != 4 or tuple(images.shape[1:]) != (3, S, S):
             raise ValueError(f"images must be (B, 3, {S}, {S}); got {tuple(images.shape)}")
         dtype = self.image_encoder.patch_embed.proj.weight.dtype
-        with torch.set_grad_enabled(self._grad_needed(self.image_encoder)):
+        # With adapters on, autograd records the frozen encoder to reach the adapters.
+        grad = self._grad_needed(self.image_encoder) or (
+            self.image_adapters is not None and self._grad_needed(self.image_adapters))
+        with torch.set_grad_enabled(grad):
             neck, taps = sam_encoder_taps(self.image_encoder, images.to(dtype), tuple(self.cfg.fe_taps))
         return dict(neck=neck, taps=taps)
 
@@ -735,7 +838,8 @@ class MARIS(nn.Module):
 
         Returns:
             dict(logits=(B, 1, 4H, 4W), visual=F_v' (B, N, C), words=F_l' (B, L, C),
-                 sentence=F_s (B, E_proj), word_features=F_w (B, L, E)).
+                 sentence=F_s (B, E_proj), word_features=F_w (B, L, E),
+                 enhanced=F_v (B, N, C) the Feature Enhancement output per sentence).
 
         Raises:
             ValueError: neither or both of images / image_features, bad image_index, bad text.
@@ -749,7 +853,7 @@ class MARIS(nn.Module):
         device = self.word_pos.device
         neck = image_features["neck"].to(device, dtype)  # (B_img, C, H, W)
         taps = [t.to(device, dtype) for t in image_features["taps"]]  # (B_img, H, W, D) each
-        B, L = ids.shape
+        B = ids.shape[0]
         B_img, C, H, W = neck.shape
         if image_index is None:
             if B_img != B:
@@ -760,22 +864,48 @@ class MARIS(nn.Module):
             raise ValueError(f"image_index must be a (B={B},) long tensor with values in "
                              f"[0, {B_img}); got {tuple(image_index.shape)} {image_index.dtype}")
 
-        visual = self.feature_enhancement(taps, neck)[image_index]  # (B_img, N, C) -> (B, N, C)
+        enhanced = self.feature_enhancement(taps, neck)[image_index]  # (B_img, N, C) -> (B, N, C)
         word_features, sentence = self.encode_text(ids, word_mask, token_embeddings)  # F_w, F_s
-        words = self.word_proj(word_features)  # (B, L, C) = F_l
-        word_pe = self.word_pos[:L]  # (L, C) = P_l
-        visual_pe = self.pe_layer((H, W)).to(dtype).flatten(1).transpose(0, 1)  # (C, H, W) -> (N, C)
-        for block in self.maa_blocks:
-            visual, words = block(visual, words, word_mask, visual_pe, word_pe)
+        visual_pe = self.visual_pe((H, W))  # (N, C) = P_v
+        visual, words = self.fuse(enhanced, word_features, word_mask, visual_pe)
         logits = self.mask_decoder(visual, words, word_mask, sentence, visual_pe, (H, W))
         return dict(logits=logits, visual=visual, words=words, sentence=sentence,
-                    word_features=word_features)
+                    word_features=word_features, enhanced=enhanced)
+
+    def visual_pe(self, size: tuple[int, int]) -> Tensor:
+        """SAM's dense positional encoding P_v (N, C) for an (H, W) grid, in the model's dtype."""
+        return self.pe_layer(size).to(self.word_pos.dtype).flatten(1).transpose(0, 1)  # (C, H, W) -> (N, C)
+
+    def fuse(self, visual: Tensor, word_features: Tensor, word_mask: Tensor, visual_pe: Tensor
+             ) -> tuple[Tensor, Tensor]:
+        """Word projection and the K Mutual-Aware Attention blocks (§4.4).
+
+        Args:
+            visual: F_v (B, N, C); word_features: F_w (B, L, E); word_mask: (B, L) bool;
+            visual_pe: P_v (N, C).
+
+        Returns:
+            F_v' (B, N, C) language-aware visual features, F_l' (B, L, C) vision-aware words.
+        """
+        L = word_features.shape[1]
+        words = self.word_proj(word_features)  # (B, L, C) = F_l
+        word_pe = self.word_pos[:L]  # (L, C) = P_l
+        for block in self.maa_blocks:
+            visual, words = block(visual, words, word_mask, visual_pe, word_pe)
+        return visual, words
 
     def forward(self, images: Tensor | None, ids: Tensor, word_mask: Tensor, *,
-                image_index: Tensor | None = None, image_features: dict | None = None) -> Tensor:
-        """Mask logits (B, 1, 4H, 4W), the same in train and eval mode (see `forward_features`)."""
-        return self.forward_features(ids, word_mask, images=images, image_features=image_features,
-                                     image_index=image_index)["logits"]
+                image_index: Tensor | None = None, image_features: dict | None = None,
+                features: bool = False) -> Tensor | dict:
+        """Mask logits (B, 1, 4H, 4W), the same in train and eval mode (see `forward_features`).
+
+        `features=True` returns the whole `forward_features` dict instead: the way for
+        `training_loss` to reach the features through a DistributedDataParallel wrapper, which
+        only synchronises gradients of computations that run inside `forward`.
+        """
+        out = self.forward_features(ids, word_mask, images=images, image_features=image_features,
+                                    image_index=image_index)
+        return out if features else out["logits"]
 
     @torch.no_grad()
     def predict(self, images: Tensor, ids: Tensor, word_mask: Tensor) -> Tensor:
@@ -878,6 +1008,379 @@ def segmentation_loss(logits: Tensor, masks: Tensor, valid: Tensor | None, cfg: 
     dice = dice_loss(up, masks, valid, smooth=cfg.dice_smooth).mean()
     loss = cfg.loss_focal_weight * focal + cfg.loss_dice_weight * dice
     return dict(loss=loss, focal=focal, dice=dice)
+
+
+# --- MagNet: Mask Grounding (Chng et al., CVPR 2024, §3) --------------------------------------
+
+def choose_masked_words(word_mask: Tensor, ratio: float, generator: torch.Generator | None = None
+                        ) -> Tensor:
+    """Pick the word tokens that Mask Grounding hides, uniformly at random per sentence.
+
+    Candidates are the real words between SOT (position 0) and EOT (position length - 1);
+    padding is never picked. A sentence with n = length - 2 > 0 words gets exactly
+    max(1, round(ratio * n)) of them; a sentence with no word (length <= 2) gets none.
+
+    Args:
+        word_mask: (B, L) bool, True from SOT through EOT.
+        ratio: share of the words to mask, in (0, 1].
+        generator: torch RNG for the choice (None: the global RNG of word_mask's device).
+
+    Returns:
+        (B, L) bool, True at the chosen positions.
+
+    Raises:
+        ValueError: ratio outside (0, 1] or word_mask not a (B, L) bool tensor.
+    """
+    if not 0 < ratio <= 1:
+        raise ValueError(f"mask_ratio must be in (0, 1], got {ratio}")
+    if word_mask.dim() != 2 or word_mask.dtype != torch.bool:
+        raise ValueError(f"word_mask must be a (B, L) bool tensor, got {tuple(word_mask.shape)} "
+                         f"{word_mask.dtype}")
+    B, L = word_mask.shape
+    lengths = word_mask.sum(1)  # (B,)
+    position = torch.arange(L, device=word_mask.device)[None]  # (1, L)
+    candidate = (position >= 1) & (position < lengths[:, None] - 1)  # (B, L) words only
+    n_words = candidate.sum(1)  # (B,)
+    n_masked = torch.where(n_words > 0, (ratio * n_words).round().long().clamp(min=1), 0)  # (B,)
+    # Random scores, non-candidates pushed last; the n_masked lowest-ranked candidates win.
+    device = generator.device if generator is not None else word_mask.device
+    scores = torch.rand(B, L, generator=generator, device=device).to(word_mask.device)  # [0, 1)
+    scores = scores.masked_fill(~candidate, 2.0)
+    rank = scores.argsort(dim=1).argsort(dim=1)  # (B, L) rank of each position's score
+    return candidate & (rank < n_masked[:, None])
+
+
+def mask_fractions(masks: Tensor, valid: Tensor | None, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Ground truth and valid area per cell of the (H, W) feature grid.
+
+    Args:
+        masks: (B, S, S) {0, 1} targets; valid: (B, S, S) bool (None: all valid);
+        size: (H, W) of the feature grid (S a multiple of H and W).
+
+    Returns:
+        fg (B, N): share of each cell inside mask AND image; inside (B, N): share of each cell
+        inside the image. The padding's content never reaches either.
+    """
+    masks = masks.float()
+    valid = torch.ones_like(masks) if valid is None else valid.to(masks.dtype)
+    pool = lambda x: F.adaptive_avg_pool2d(x[:, None], size).flatten(1)  # noqa: E731  (B, S, S) -> (B, N)
+    return pool(masks * valid), pool(valid)
+
+
+def segmentation_cue(visual: Tensor, masks: Tensor, valid: Tensor | None, size: tuple[int, int]
+                     ) -> tuple[Tensor, Tensor]:
+    """MagNet's segmentation cue: F_v' averaged inside the ground-truth mask.
+
+    Args:
+        visual: F_v' (B, N, C); masks (B, S, S); valid (B, S, S) or None; size (H, W).
+
+    Returns:
+        cue (B, C) (zero for an empty mask) and present (B,) bool, False where the mask is empty.
+    """
+    fg, _ = mask_fractions(masks, valid, size)  # (B, N) cell weights = covered share
+    total = fg.sum(1)  # (B,)
+    cue = (fg[:, None].to(visual.dtype) @ visual)[:, 0]  # (B, 1, N) @ (B, N, C) -> (B, C)
+    return cue / total.clamp(min=1e-6)[:, None].to(visual.dtype), total > 0
+
+
+class MaskGroundingLayer(nn.Module):
+    """One Mask Grounding fusion layer: word self-attention (real words only), cross-attention
+    from the words to the visual tokens (+ segmentation cue), FFN; each residual + LayerNorm."""
+
+    def __init__(self, *, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.self_attn = MaskedAttention(dim, num_heads)
+        self.norm1 = nn.LayerNorm(dim)
+        self.cross_attn = MaskedAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = FeedForward(dim, int(dim * mlp_ratio))
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, words: Tensor, word_mask: Tensor, keys: Tensor, key_pe: Tensor,
+                key_mask: Tensor) -> Tensor:
+        """words (B, L, C), word_mask (B, L), keys/key_pe (B, T, C), key_mask (B, T) -> (B, L, C)."""
+        # The CLIP tower is causal: self-attention lets a masked word see the words after it.
+        words = self.norm1(words + self.self_attn(words, words, words, word_mask))
+        words = self.norm2(words + self.cross_attn(words, keys + key_pe, keys, key_mask))
+        return self.norm3(words + self.mlp(words))
+
+
+class MaskGroundingHead(nn.Module):
+    """Mask Grounding (MagNet §3): predict masked words from the image and the target's mask.
+
+    A learned mask embedding replaces the CLIP token embeddings of the chosen words in a second
+    copy of the expression (`embed_masked`) before the frozen text tower. The masked copy's
+    word features attend to the language-aware visual features F_v' and to the segmentation
+    cue (F_v' pooled inside the ground-truth mask, `segmentation_cue`), then a classifier over
+    the CLIP vocabulary predicts the original ids at the masked positions. Training-only.
+    """
+
+    def __init__(self, *, dim: int, text_width: int, vocab_size: int, num_heads: int,
+                 depth: int = 1, use_mask: bool = True, tied_output: bool = True) -> None:
+        super().__init__()
+        # NOTE(paper): CLIP has no mask token; ours starts like CLIP's token embeddings.
+        self.mask_embedding = nn.Parameter(torch.randn(text_width) * 0.02)  # (E,)
+        self.use_mask = use_mask
+        # Tells the segmentation cue token apart from the pixel tokens (which carry P_v).
+        self.cue_embedding = nn.Parameter(torch.zeros(dim)) if use_mask else None  # (C,)
+        self.layers = nn.ModuleList(MaskGroundingLayer(dim=dim, num_heads=num_heads)
+                                    for _ in range(depth))
+        self.tied_output = tied_output
+        if tied_output:
+            # logits = Linear(C -> E)(x) @ E_tok^T + b: CLIP's frozen token embeddings serve as
+            # the classifier weights (passed to `forward`, never stored here).
+            self.output_proj = nn.Linear(dim, text_width)
+            self.output_bias = nn.Parameter(torch.zeros(vocab_size))  # (V,)
+        else:
+            self.output_proj = nn.Linear(dim, vocab_size)
+
+    def embed_masked(self, token_embeddings: Tensor, chosen: Tensor) -> Tensor:
+        """(B, L, E) CLIP token embeddings, (B, L) bool -> (B, L, E) with the mask embedding at
+        the chosen positions (gradients reach it through the frozen tower)."""
+        mask = self.mask_embedding.to(token_embeddings.dtype)
+        return torch.where(chosen[..., None], mask, token_embeddings)
+
+    def forward(self, words: Tensor, word_mask: Tensor, chosen: Tensor, visual: Tensor,
+                visual_pe: Tensor, cue: tuple[Tensor, Tensor] | None = None,
+                vocab_embeddings: Tensor | None = None) -> Tensor:
+        """Vocabulary logits at the masked positions.
+
+        Args:
+            words: (B, L, C) features of the masked copy; word_mask: (B, L) bool;
+            chosen: (B, L) bool masked positions (M of them in all);
+            visual: F_v' (B, N, C); visual_pe: P_v (N, C);
+            cue: (cue (B, C), present (B,) bool) from `segmentation_cue`, required when the
+                head was built with use_mask, ignored otherwise;
+            vocab_embeddings: (V, E) CLIP's token_embedding weight, required when tied.
+
+        Returns:
+            (M, V) logits, rows in `words[chosen]` order.
+
+        Raises:
+            ValueError: a required cue or vocab_embeddings is missing.
+        """
+        B, N, C = visual.shape
+        keys, key_pe = visual, visual_pe.expand(B, N, C)  # (B, N, C)
+        key_mask = visual.new_ones(B, N, dtype=torch.bool)  # (B, N)
+        if self.use_mask:
+            if cue is None:
+                raise ValueError("MaskGroundingHead built with use_mask needs the segmentation cue")
+            pooled, present = cue
+            keys = torch.cat([keys, pooled[:, None]], dim=1)  # (B, N + 1, C)
+            key_pe = torch.cat([key_pe, self.cue_embedding.to(keys.dtype).expand(B, 1, C)], dim=1)
+            key_mask = torch.cat([key_mask, present[:, None]], dim=1)  # an empty mask gives no cue
+        for layer in self.layers:
+            words = layer(words, word_mask, keys, key_pe, key_mask)
+        picked = self.output_proj(words[chosen])  # (M, E) tied, (M, V) untied
+        if not self.tied_output:
+            return picked
+        if vocab_embeddings is None:
+            raise ValueError("MaskGroundingHead with tied_output needs vocab_embeddings (V, E)")
+        return picked @ vocab_embeddings.to(picked.dtype).t() + self.output_bias  # (M, V)
+
+
+def mask_grounding_loss(model: MARIS, head: MaskGroundingHead, features: dict, ids: Tensor,
+                        word_mask: Tensor, masks: Tensor, valid: Tensor | None, *, ratio: float,
+                        generator: torch.Generator | None = None) -> Tensor:
+    """Mask Grounding's cross-entropy over the CLIP vocabulary, on the masked positions only.
+
+    Args:
+        model: the MARIS (not a DDP wrapper) that produced `features`.
+        head: the Mask Grounding head.
+        features: `forward_features` output for (ids, word_mask) (uses enhanced / visual).
+        ids, word_mask: (B, L) the expression; masks (B, S, S); valid (B, S, S) or None.
+        ratio: share of words to mask; generator: RNG for the choice.
+
+    Returns:
+        Scalar mean cross-entropy over all masked tokens of the batch (0, still attached to
+        the head's parameters, when no sentence has a word).
+    """
+    chosen = choose_masked_words(word_mask, ratio, generator)  # (B, L)
+    if not chosen.any():
+        return head.mask_embedding.sum() * 0.0
+    visual = features["enhanced"]  # F_v (B, N, C)
+    B, N, C = visual.shape
+    H = W = math.isqrt(N)  # the feature grid is square (S x S inputs)
+    with torch.no_grad():  # the frozen table; only the mask embedding needs gradients
+        tokens = model.text_encoder.token_embedding(ids)  # (B, L, E)
+    masked_words, _ = model.encode_text(ids, word_mask, head.embed_masked(tokens, chosen))  # (B, L, E)
+    visual_pe = model.visual_pe((H, W))  # (N, C)
+    if model.cfg.mask_grounding_fuse_masked:
+        visual, words = model.fuse(visual, masked_words, word_mask, visual_pe)  # F_v', F_l' of the copy
+    else:
+        visual, words = features["visual"], model.word_proj(masked_words)
+    cue = segmentation_cue(visual, masks, valid, (H, W)) if head.use_mask else None
+    vocab = model.text_encoder.token_embedding.weight if head.tied_output else None
+    logits = head(words, word_mask, chosen, visual, visual_pe, cue, vocab)  # (M, V)
+    return F.cross_entropy(logits.float(), ids[chosen])
+
+
+# --- MagNet: cross-modal alignment loss -------------------------------------------------------
+
+class AlignmentHead(nn.Module):
+    """Projections of the sentence feature F_s and of each pixel of F_v' into one space where
+    the alignment loss compares them by cosine similarity. Training-only."""
+
+    def __init__(self, *, sentence_dim: int, visual_dim: int, dim: int) -> None:
+        super().__init__()
+        self.sentence_proj = nn.Linear(sentence_dim, dim)
+        self.pixel_proj = nn.Linear(visual_dim, dim)
+
+    def forward(self, sentence: Tensor, visual: Tensor) -> tuple[Tensor, Tensor]:
+        """F_s (B, E_proj), F_v' (B, N, C) -> (B, P), (B, N, P), P = dim."""
+        return self.sentence_proj(sentence), self.pixel_proj(visual)
+
+
+def alignment_loss(sentence: Tensor, pixels: Tensor, masks: Tensor, valid: Tensor | None,
+                   size: tuple[int, int], *, temperature: float = 0.07) -> Tensor:
+    """Pixel-to-text contrast between a sentence and the pixels of its image.
+
+    z_i = cos(sentence, pixel_i) / temperature. Each positive pixel i is contrasted with all
+    negative pixels of its image (InfoNCE with one positive per term, averaged over positives):
+
+        loss_b = mean_{i in P_b} -log( e^{z_i} / (e^{z_i} + sum_{k in N_b} e^{z_k}) )
+               = mean_{i in P_b} softplus( logsumexp_{k in N_b} z_k - z_i )
+
+    Args:
+        sentence: (B, P) projected F_s; pixels: (B, N, P) projected F_v' on the (H, W) grid;
+        masks: (B, S, S) {0, 1}; valid: (B, S, S) bool (None: all valid); size: (H, W);
+        temperature: > 0.
+
+    Returns:
+        Scalar mean of loss_b over the samples that have both positives and negatives (0,
+        attached to the inputs, when none has).
+    """
+    # NOTE(paper): the form above (MagNet's pixel-to-text term as we read it) and the cell
+    # rule: a cell of the (H, W) grid counts when at least half of it lies inside the image;
+    # it is positive when at least half of that part lies inside the mask, else negative.
+    # A mask that fills no cell by half (a small or thin object) makes its most-covered
+    # cell(s) positive. Cells mostly in the padding take no part.
+    if temperature <= 0:
+        raise ValueError(f"alignment_temperature must be > 0, got {temperature}")
+    fg, inside = mask_fractions(masks, valid, size)  # (B, N) each
+    counted = inside >= 0.5
+    positive = counted & (fg > 0) & (fg >= 0.5 * inside)  # (B, N)
+    most = fg.masked_fill(~counted, 0.0).amax(1, keepdim=True)  # (B, 1) best-covered share
+    fallback = counted & (fg > 0) & (fg == most) & ~positive.any(1, keepdim=True)
+    positive = positive | fallback  # (B, N)
+    negative = counted & ~positive
+    z = (F.normalize(pixels.float(), dim=-1) @ F.normalize(sentence.float(), dim=-1)[..., None])[..., 0]
+    z = z / temperature  # (B, N, P) @ (B, P, 1) -> (B, N)
+    negatives = z.masked_fill(~negative, float("-inf")).logsumexp(dim=1)  # (B,)
+    per_pixel = F.softplus(negatives[:, None] - z)  # (B, N), only positives are read
+    n_pos = positive.sum(1)  # (B,)
+    used = (n_pos > 0) & negative.any(1)  # (B,)
+    if not used.any():
+        return z.sum() * 0.0
+    per_sample = per_pixel.masked_fill(~positive, 0.0).sum(1) / n_pos.clamp(min=1)  # (B,)
+    return per_sample[used].mean()
+
+
+# --- MagNet training heads and the training loss ----------------------------------------------
+
+class MagNetHeads(nn.Module):
+    """The training-only heads of MagNet's add-ons: `mask_grounding` (MaskGroundingHead) and
+    `alignment` (AlignmentHead), each None when its loss weight is 0.
+
+    Not a sub-module of MARIS: `MARIS.trainable_state_dict()` and inference checkpoints never
+    contain it; a training script saves `heads.state_dict()` beside them.
+    """
+
+    def __init__(self, *, mask_grounding: MaskGroundingHead | None = None,
+                 alignment: AlignmentHead | None = None) -> None:
+        super().__init__()
+        self.mask_grounding = mask_grounding
+        self.alignment = alignment
+
+
+def build_heads(cfg: MarisConfig, model: MARIS | None = None) -> MagNetHeads:
+    """The heads the config's non-zero weights ask for (sizes from cfg).
+
+    Args:
+        cfg: the config (mask_grounding_* and alignment_* fields).
+        model: when given, the heads are moved to its device and dtype.
+
+    Returns:
+        MagNetHeads (possibly with no parameters when both weights are 0).
+
+    Raises:
+        ValueError: a negative weight or an out-of-range ratio / temperature.
+    """
+    for name in ("mask_grounding_weight", "alignment_weight"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    mask_grounding = alignment = None
+    if cfg.mask_grounding_weight > 0:
+        if not 0 < cfg.mask_ratio <= 1:
+            raise ValueError(f"mask_ratio must be in (0, 1], got {cfg.mask_ratio}")
+        mask_grounding = MaskGroundingHead(
+            dim=cfg.embed_dim, text_width=cfg.text_width, vocab_size=cfg.vocab_size,
+            num_heads=cfg.maa_heads, depth=cfg.mask_grounding_depth,
+            use_mask=cfg.mask_grounding_use_mask, tied_output=cfg.mask_grounding_tied_output)
+    if cfg.alignment_weight > 0:
+        if cfg.alignment_temperature <= 0:
+            raise ValueError(f"alignment_temperature must be > 0, got {cfg.alignment_temperature}")
+        alignment = AlignmentHead(sentence_dim=cfg.text_embed_dim, visual_dim=cfg.embed_dim,
+                                  dim=cfg.alignment_dim)
+    heads = MagNetHeads(mask_grounding=mask_grounding, alignment=alignment)
+    if model is not None:
+        heads.to(model.word_pos.device, model.word_pos.dtype)
+    return heads
+
+
+def training_loss(model: nn.Module, heads: MagNetHeads | None, *, ids: Tensor, word_mask: Tensor,
+                  masks: Tensor, valid: Tensor | None, images: Tensor | None = None,
+                  image_features: dict | None = None, image_index: Tensor | None = None,
+                  generator: torch.Generator | None = None) -> dict:
+    """One training step's loss: MARIS's focal + dice, plus MagNet's enabled add-ons.
+
+        loss = segmentation loss + mask_grounding_weight * Mask Grounding CE
+                                 + alignment_weight * alignment loss
+
+    With both weights 0 nothing else runs and `loss` is exactly MARIS's.
+
+    Args:
+        model: MARIS, or a DistributedDataParallel wrapping one (the features come through
+            its `forward`, so DDP synchronises the gradients of every use of MARIS's weights).
+        heads: from `build_heads` (may be None when both weights are 0).
+        ids, word_mask: (B, L); masks: (B, S, S) {0, 1}; valid: (B, S, S) bool or None;
+        images / image_features / image_index: as `MARIS.forward_features`;
+        generator: RNG for Mask Grounding's choice of words.
+
+    Returns:
+        dict(loss, focal, dice, mask_grounding, alignment) of scalars (a disabled add-on's
+        entry is a 0 tensor).
+
+    Raises:
+        ValueError: a weight is > 0 but `heads` lacks its head.
+    """
+    core = getattr(model, "module", model)  # the MARIS inside a DDP wrapper
+    cfg = core.cfg
+    features = model(images, ids, word_mask, image_index=image_index,
+                     image_features=image_features, features=True)
+    seg = segmentation_loss(features["logits"], masks, valid, cfg)
+    zero = seg["loss"].new_zeros(())
+    out = dict(loss=seg["loss"], focal=seg["focal"], dice=seg["dice"], mask_grounding=zero,
+               alignment=zero)
+    if cfg.mask_grounding_weight > 0:
+        if heads is None or heads.mask_grounding is None:
+            raise ValueError("mask_grounding_weight > 0 but heads.mask_grounding is None: "
+                             "build the heads with build_heads(cfg) from the same config")
+        out["mask_grounding"] = mask_grounding_loss(
+            core, heads.mask_grounding, features, ids, word_mask, masks, valid,
+            ratio=cfg.mask_ratio, generator=generator)
+        out["loss"] = out["loss"] + cfg.mask_grounding_weight * out["mask_grounding"]
+    if cfg.alignment_weight > 0:
+        if heads is None or heads.alignment is None:
+            raise ValueError("alignment_weight > 0 but heads.alignment is None: build the heads "
+                             "with build_heads(cfg) from the same config")
+        visual = features["visual"]  # F_v' (B, N, C)
+        H = W = math.isqrt(visual.shape[1])
+        sentence, pixels = heads.alignment(features["sentence"], visual)
+        out["alignment"] = alignment_loss(sentence, pixels, masks, valid, (H, W),
+                                          temperature=cfg.alignment_temperature)
+        out["loss"] = out["loss"] + cfg.alignment_weight * out["alignment"]
+    return out
 
 
 # --- Weight loading ----------------------------------------------------------------------------
@@ -1146,8 +1649,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=None, help="override S (multiple of 16)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--no-forward", action="store_true", help="only the parameter table")
+    parser.add_argument("--adapters", action="store_true",
+                        help="RISAM's bottleneck adapters in every SAM block (row image_adapters)")
+    parser.add_argument("--adapter-ratio", type=float, default=MarisConfig.adapter_ratio,
+                        help="adapter bottleneck width / D")
     args = parser.parse_args(argv)
     overrides = {} if args.image_size is None else {"image_size": args.image_size}
+    if args.adapters:
+        overrides.update(adapters=True, adapter_ratio=args.adapter_ratio)
     cfg = make_config(args.preset, **overrides)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights are expected here
@@ -1160,6 +1669,10 @@ def main(argv: list[str] | None = None) -> None:
     for name, trainable, frozen in rows:
         print(f"{name:40s} {trainable:>14,d} {frozen:>14,d}")
     print(f"{'total':40s} {sum(r[1] for r in rows):>14,d} {sum(r[2] for r in rows):>14,d}")
+    if model.image_adapters is not None:
+        extra = sum(p.numel() for p in model.image_adapters.parameters())
+        print(f"RISAM adapters: {extra:,} extra trainable parameters "
+              f"({len(model.image_adapters)} blocks x 2, ratio {cfg.adapter_ratio})")
     if args.no_forward:
         return
 

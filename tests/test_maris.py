@@ -568,3 +568,281 @@ def test_tiny_model_overfits_one_batch():
             if best > 0.9:
                 break
     assert best > 0.9, f"worst IoU {best:.3f} after {step + 1} steps"
+
+
+# --- MagNet add-ons: Mask Grounding, alignment loss, training_loss ------------------------------
+
+def seg_batch(B: int, S: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(masks (B, S, S) with one rectangle each, valid (B, S, S) with a padded bottom/right)."""
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(B, S, S)
+    valid = torch.zeros(B, S, S, dtype=torch.bool)
+    for i in range(B):
+        y0, x0 = torch.randint(0, S // 2, (2,), generator=g).tolist()
+        masks[i, y0:y0 + S // 3, x0:x0 + S // 3] = 1
+        valid[i, :S - 4 * i, :S - 2 * i] = True
+    return masks * valid, valid
+
+
+@given(st.lists(st.integers(1, 12), min_size=1, max_size=5), st.integers(12, 14),
+       st.floats(0.01, 1.0), st.integers(0, 2**16))
+def test_choose_masked_words_only_real_words_and_at_least_one(lengths, L, ratio, seed):
+    """Masked positions are never SOT, EOT or padding; each sentence with a word gets
+    max(1, round(ratio * words)) of them, a sentence without words none."""
+    word_mask = torch.arange(L)[None] < torch.tensor(lengths)[:, None]  # (B, L)
+    chosen = maris.choose_masked_words(word_mask, ratio, torch.Generator().manual_seed(seed))
+    assert chosen.shape == word_mask.shape and chosen.dtype == torch.bool
+    for row, n in zip(chosen, lengths):
+        picked = row.nonzero().flatten().tolist()
+        assert all(1 <= p <= n - 2 for p in picked)  # between SOT and EOT
+        words = max(n - 2, 0)
+        assert len(picked) == (max(1, round(ratio * words)) if words else 0)
+
+
+def test_choose_masked_words_rejects_bad_ratio():
+    """A mask ratio outside (0, 1] is refused with the value named."""
+    with pytest.raises(ValueError, match="mask_ratio.*1.5"):
+        maris.choose_masked_words(torch.ones(1, 4, dtype=torch.bool), 1.5)
+
+
+def magnet_setup(S: int = 32, **overrides):
+    """A private tiny model, its heads, and one batch (the model shares image rows)."""
+    torch.manual_seed(0)
+    model = fresh_tiny(S, **overrides).train()
+    heads = maris.build_heads(model.cfg, model).train()
+    ids, wm = make_text([6, 8, 5], 8, seed=12)
+    masks, valid = seg_batch(3, S, seed=13)
+    batch = dict(ids=ids, word_mask=wm, masks=masks, valid=valid, images=make_images(2, S, seed=14),
+                 image_index=torch.tensor([0, 1, 1]))
+    return model, heads, batch
+
+
+def test_mask_grounding_loss_finite_and_falls_when_overfitting():
+    """The Mask Grounding loss starts near log(vocab), is finite and falls on one batch."""
+    model, heads, batch = magnet_setup(mask_grounding_weight=1.0)
+    assert heads.mask_grounding is not None and heads.alignment is None
+    params = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    history = []
+    for _ in range(40):
+        out = maris.training_loss(model, heads, **batch, generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(out["mask_grounding"])
+        history.append(out["mask_grounding"].item())
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    assert abs(history[0] - torch.log(torch.tensor(49408.0)).item()) < 1.5
+    assert history[-1] < 0.5 * history[0], history
+    assert heads.mask_grounding.mask_embedding.grad.abs().sum() > 0  # through the frozen tower
+
+
+def test_mask_grounding_runs_without_the_mask_and_then_ignores_it():
+    """With mask_grounding_use_mask False the head runs and its loss does not read the masks;
+    with it on, the ground-truth mask changes the loss."""
+    for use_mask in (False, True):
+        model, heads, batch = magnet_setup(mask_grounding_weight=1.0, mask_grounding_use_mask=use_mask)
+        assert (heads.mask_grounding.cue_embedding is None) == (not use_mask)
+        other = dict(batch, masks=batch["masks"].flip(-1) * batch["valid"])
+        with torch.no_grad():
+            a = maris.training_loss(model, heads, **batch, generator=torch.Generator().manual_seed(1))
+            b = maris.training_loss(model, heads, **other, generator=torch.Generator().manual_seed(1))
+        assert torch.isfinite(a["mask_grounding"])
+        assert torch.equal(a["mask_grounding"], b["mask_grounding"]) == (not use_mask)
+
+
+def test_mask_grounding_untied_and_unfused_variants_run():
+    """The untied classifier and the main-pass F_v' variant give finite losses with gradients."""
+    model, heads, batch = magnet_setup(mask_grounding_weight=1.0, mask_grounding_tied_output=False,
+                                       mask_grounding_fuse_masked=False)
+    assert heads.mask_grounding.output_proj.out_features == 49408
+    out = maris.training_loss(model, heads, **batch)
+    out["loss"].backward()
+    assert torch.isfinite(out["mask_grounding"]) and heads.mask_grounding.output_proj.weight.grad is not None
+
+
+def alignment_inputs(seed: int = 0):
+    """Pixel features on a 4 x 4 grid where foreground cells share one direction, background
+    cells another; masks/valid at S = 32 (8 px cells) with the last column of cells padded."""
+    g = torch.Generator().manual_seed(seed)
+    B, H, P, S = 2, 4, 16, 32
+    fg_dir, bg_dir = torch.randn(P, generator=g), torch.randn(P, generator=g)
+    masks = torch.zeros(B, S, S)
+    masks[:, 8:24, 0:16] = 1  # cells rows 1-2, cols 0-1
+    valid = torch.ones(B, S, S, dtype=torch.bool)
+    valid[:, :, 24:] = False  # cells col 3 padded
+    cell_fg = masks[:, ::8, ::8].flatten(1).bool()  # (B, N)
+    pixels = torch.where(cell_fg[..., None], fg_dir, bg_dir) + 0.3 * torch.randn(B, H * H, P, generator=g)
+    return pixels, fg_dir, bg_dir, masks, valid, (H, H)
+
+
+def test_alignment_loss_lower_when_sentence_matches_foreground():
+    """The alignment loss is lower for a sentence feature like the foreground pixels than for
+    one like the background pixels."""
+    pixels, fg_dir, bg_dir, masks, valid, size = alignment_inputs()
+    good = maris.alignment_loss(fg_dir.expand(2, -1), pixels, masks, valid, size)
+    bad = maris.alignment_loss(bg_dir.expand(2, -1), pixels, masks, valid, size)
+    assert torch.isfinite(good) and good < bad
+
+
+@given(st.integers(0, 2**16))
+def test_alignment_loss_ignores_the_padded_area(seed):
+    """Changing the pixel features and the mask inside the padding leaves the loss unchanged."""
+    pixels, fg_dir, _, masks, valid, size = alignment_inputs(seed % 7)
+    g = torch.Generator().manual_seed(seed)
+    base = maris.alignment_loss(fg_dir.expand(2, -1), pixels, masks, valid, size)
+    padded_cells = torch.zeros(4, 4, dtype=torch.bool)
+    padded_cells[:, 3] = True
+    noisy = pixels.clone()
+    noisy[:, padded_cells.flatten()] = torch.randn(2, 4, pixels.shape[-1], generator=g) * 10
+    other_masks = torch.where(valid, masks, (torch.rand(masks.shape, generator=g) > 0.5).float())
+    changed = maris.alignment_loss(fg_dir.expand(2, -1), noisy, other_masks, valid, size)
+    assert torch.equal(base, changed)
+
+
+def test_alignment_head_trains_through_training_loss():
+    """With alignment on, training_loss adds the weighted alignment loss and the projections
+    get gradients; the Mask Grounding head is absent."""
+    model, heads, batch = magnet_setup(alignment_weight=0.5)
+    assert heads.mask_grounding is None and heads.alignment is not None
+    out = maris.training_loss(model, heads, **batch)
+    assert out["mask_grounding"] == 0 and out["alignment"] > 0
+    torch.testing.assert_close(out["loss"], 20 * out["focal"] + out["dice"] + 0.5 * out["alignment"])
+    out["loss"].backward()
+    assert heads.alignment.pixel_proj.weight.grad.abs().sum() > 0
+
+
+def test_training_loss_all_off_is_exactly_maris():
+    """With both weights 0, training_loss's loss and gradients are bit-identical to
+    segmentation_loss(model(images, ids, word_mask)), and the add-on entries are 0."""
+    model, heads, batch = magnet_setup()
+    assert not list(heads.parameters())
+    grads = []
+    for use_training_loss in (True, False):
+        model.zero_grad()
+        if use_training_loss:
+            out = maris.training_loss(model, heads, **batch)
+        else:
+            logits = model(batch["images"], batch["ids"], batch["word_mask"], image_index=batch["image_index"])
+            out = maris.segmentation_loss(logits, batch["masks"], batch["valid"], model.cfg)
+        out["loss"].backward()
+        grads.append((out["loss"].detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                              if p.grad is not None}))
+        if use_training_loss:
+            assert out["mask_grounding"] == 0 and out["alignment"] == 0
+    (loss_a, grad_a), (loss_b, grad_b) = grads
+    assert torch.equal(loss_a, loss_b)
+    assert grad_a.keys() == grad_b.keys() and all(torch.equal(grad_a[k], grad_b[k]) for k in grad_a)
+
+
+def test_training_loss_refuses_missing_heads():
+    """A non-zero weight without the matching head raises an error naming the head."""
+    model, _, batch = magnet_setup(alignment_weight=1.0)
+    with pytest.raises(ValueError, match="heads.alignment"):
+        maris.training_loss(model, None, **batch)
+
+
+def test_magnet_heads_are_not_in_the_model_checkpoint():
+    """MagNetHeads is not a sub-module of MARIS: trainable_state_dict and state_dict lack it."""
+    model, heads, _ = magnet_setup(mask_grounding_weight=1.0, alignment_weight=1.0)
+    head_params = {id(p) for p in heads.parameters()}
+    assert head_params and not head_params & {id(p) for p in model.parameters()}
+    keys = set(model.trainable_state_dict()) | set(model.state_dict())
+    assert not any("mask_grounding" in k or "alignment" in k or "mask_embedding" in k for k in keys)
+    assert set(heads.state_dict()) >= {"mask_grounding.mask_embedding", "alignment.pixel_proj.weight"}
+
+
+# --- RISAM adapters ------------------------------------------------------------------------------
+
+def test_adapters_leave_encoder_output_bit_identical_at_init():
+    """At initialisation the encoder output with adapters equals the output without them."""
+    plain, adapted = fresh_tiny(64), fresh_tiny(64, adapters=True)
+    assert len(adapted.image_adapters) == adapted.cfg.sam_depth
+    images = make_images(2, 64, seed=15)
+    with torch.no_grad():
+        a, b = plain.encode_image(images), adapted.encode_image(images)
+    assert torch.equal(a["neck"], b["neck"]) and all(torch.equal(x, y) for x, y in zip(a["taps"], b["taps"]))
+
+
+def test_adapter_hooks_add_after_attention_and_mlp_in_windowed_blocks():
+    """A hooked block (windowed, padded windows) computes x + a + A_attn(a), then
+    + m + A_mlp(m), with the attention adapter applied to the un-partitioned output."""
+    model = fresh_tiny(64, adapters=True, sam_window_size=3)  # 4 x 4 grid -> padded 3 x 3 windows
+    torch.manual_seed(0)
+    for p in model.image_adapters.parameters():
+        nn.init.normal_(p, std=0.1)
+    block, pair = model.image_encoder.blocks[0], model.image_adapters[0]
+    assert block.window_size == 3
+    ie = sam_modeling.image_encoder
+    x = torch.randn(2, 4, 4, model.cfg.sam_embed_dim)
+    with torch.no_grad():
+        windows, pad = ie.window_partition(block.norm1(x), 3)
+        a = ie.window_unpartition(block.attn.forward(windows), 3, pad, (4, 4))  # .forward: no hooks
+        y = x + a + pair["attn"](a)
+        m = block.mlp.forward(block.norm2(y))
+        expected = y + m + pair["mlp"](m)
+        torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_one_step_changes_only_adapters_and_new_modules():
+    """After one optimizer step with adapters on, SAM's and CLIP's own weights are
+    bit-identical, the adapters' up-projections changed, and the encoder recorded gradients."""
+    model = fresh_tiny(32, adapters=True).train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n in trainable if n.startswith("image_adapters.")}
+    assert not any(n.startswith(("image_encoder.", "text_encoder.")) for n in trainable)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ids, wm = make_text([3, 5], 6)
+    masks, valid = seg_batch(2, 32)
+    maris.segmentation_loss(model(make_images(2, 32), ids, wm), masks, valid, model.cfg)["loss"].backward()
+    opt.step()
+    after = model.state_dict()
+    for k, v in before.items():
+        same = torch.equal(after[k], v)
+        if k.startswith(("image_encoder.", "text_encoder.", "pe_layer.")):
+            assert same, k
+        elif k.startswith("image_adapters.") and ".up." in k:
+            assert not same, k
+
+
+def test_adapters_keep_sam_checkpoints_loading_strictly(sam_checkpoint):
+    """An official-layout SAM checkpoint loads strictly into a model with adapters, which then
+    reproduces SAM's image embedding; adapter keys live outside image_encoder.*."""
+    cfg, sam, path = sam_checkpoint
+    model = fresh_tiny(64, adapters=True)
+    report = maris.load_sam_checkpoint(model, path)
+    assert {"image_encoder." + k for k in sam.image_encoder.state_dict()} <= set(report["loaded"])
+    assert {k for k in model.state_dict() if k.startswith("image_encoder.")} == \
+        {"image_encoder." + k for k in sam.image_encoder.state_dict()}
+    images = make_images(2, 64, seed=16)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images)["neck"], sam.image_encoder(images),
+                                   atol=1e-6, rtol=1e-5)
+
+
+def test_adapters_survive_deepcopy_and_trainable_state_dict():
+    """A deep copy's hooks call the copy's adapters; trainable_state_dict holds the adapters
+    and loads them back strictly into another model."""
+    import copy
+    model = fresh_tiny(32, adapters=True)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.image_adapters.parameters():
+            p.normal_(std=0.1)
+    images = make_images(1, 32, seed=17)
+    with torch.no_grad():
+        base = model.encode_image(images)["neck"]
+        changed = twin.encode_image(images)["neck"]
+        assert torch.equal(model.encode_image(images)["neck"], base)  # original unaffected
+        assert not torch.equal(changed, base)
+        sd = twin.trainable_state_dict()
+        assert any(k.startswith("image_adapters.") for k in sd)
+        model.load_trainable_state_dict(sd)
+        assert torch.equal(model.encode_image(images)["neck"], changed)
+
+
+def test_main_shows_adapter_parameters(capsys):
+    """`python maris.py --adapters` lists the adapters' extra trainable parameters."""
+    maris.main(["--preset", "tiny", "--image-size", "32", "--adapters", "--no-forward"])
+    out = capsys.readouterr().out
+    assert "image_adapters" in out and "extra trainable parameters" in out
