@@ -1,0 +1,281 @@
+"""Tests for evaluate.py: the metrics (DESIGN.md §6), undoing the padding, the command line."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+
+import evaluate
+
+# --- strategies ---
+
+
+@st.composite
+def mask_pairs(draw, max_side=6, max_batch=5):
+    """A batch of (prediction, ground truth) bool masks of one small size."""
+    b = draw(st.integers(1, max_batch))
+    h = draw(st.integers(1, max_side))
+    w = draw(st.integers(1, max_side))
+    bits = st.lists(st.booleans(), min_size=b * h * w, max_size=b * h * w)
+    pred = torch.tensor(draw(bits)).reshape(b, h, w)
+    gt = torch.tensor(draw(bits)).reshape(b, h, w)
+    return pred, gt
+
+
+# --- metrics ---
+
+
+@given(mask_pairs())
+def test_iou_in_unit_interval(pair):
+    """Per-pair IoU lies in [0, 1] and I <= U."""
+    inter, union = evaluate.intersection_union(*pair)
+    iou = evaluate.pair_iou(inter, union)
+    assert bool((inter <= union).all())
+    assert bool(((iou >= 0) & (iou <= 1)).all())
+
+
+@given(mask_pairs())
+def test_perfect_prediction_scores_one(pair):
+    """Predicting the ground truth exactly gives 1 for oIoU, mIoU and every Prec@X."""
+    _, gt = pair
+    m = evaluate.RISMetrics()
+    m.update(*evaluate.intersection_union(gt, gt))
+    out = m.compute()
+    assert out["count"] == gt.shape[0]
+    assert all(out[k] == 1.0 for k in out if k != "count")
+
+
+@given(mask_pairs())
+def test_oiou_is_sum_i_over_sum_u(pair):
+    """oIoU equals ΣI/ΣU and mIoU the mean IoU, counted by hand with numpy."""
+    pred, gt = pair
+    p, g = pred.numpy(), gt.numpy()
+    inter = [(p[b] & g[b]).sum() for b in range(len(p))]
+    union = [(p[b] | g[b]).sum() for b in range(len(p))]
+    ious = [i / u if u else 1.0 for i, u in zip(inter, union)]
+    m = evaluate.RISMetrics()
+    m.update(*evaluate.intersection_union(pred, gt))
+    out = m.compute()
+    expect = sum(inter) / sum(union) if sum(union) else 1.0
+    assert out["oIoU"] == pytest.approx(expect, abs=1e-12)
+    assert out["mIoU"] == pytest.approx(np.mean(ious), abs=1e-12)
+
+
+def test_empty_gt_empty_prediction_adds_nothing():
+    """An empty GT with an empty prediction scores IoU 1 and leaves ΣI and ΣU unchanged."""
+    m = evaluate.RISMetrics()
+    m.update(torch.tensor([3]), torch.tensor([4]))
+    before = (m.total_i, m.total_u)
+    iou = m.update(*evaluate.intersection_union(torch.zeros(1, 3, 3, dtype=torch.bool),
+                                                torch.zeros(1, 3, 3, dtype=torch.bool)))
+    assert float(iou[0]) == 1.0
+    assert (m.total_i, m.total_u) == before
+    assert m.compute()["oIoU"] == pytest.approx(0.75)
+    assert m.compute()["mIoU"] == pytest.approx((0.75 + 1.0) / 2)
+
+
+@given(mask_pairs(max_batch=8), st.randoms(use_true_random=False))
+def test_metrics_order_and_batching_invariant(pair, rnd):
+    """oIoU, mIoU and Prec@X do not depend on the order or batching of the pairs."""
+    inter, union = evaluate.intersection_union(*pair)
+    whole = evaluate.RISMetrics()
+    whole.update(inter, union)
+    order = list(range(len(inter)))
+    rnd.shuffle(order)
+    parts = evaluate.RISMetrics()
+    cut = rnd.randint(0, len(order))
+    for chunk in (order[:cut], order[cut:]):
+        parts.update(inter[chunk], union[chunk])
+    a, b = whole.compute(), parts.compute()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k] == pytest.approx(b[k], abs=1e-12)
+
+
+@given(mask_pairs(max_batch=8))
+def test_prec_monotone_in_threshold(pair):
+    """Prec@X never increases as X grows, and Prec@0.5 <= 1."""
+    m = evaluate.RISMetrics()
+    m.update(*evaluate.intersection_union(*pair))
+    out = m.compute()
+    precs = [out[f"Prec@{t:g}"] for t in evaluate.PREC_THRESHOLDS]
+    assert all(x >= y for x, y in zip(precs, precs[1:]))
+    assert 0.0 <= precs[-1] <= precs[0] <= 1.0
+
+
+def test_prec_counts_equal_threshold():
+    """Prec@X counts an IoU exactly equal to X as a hit (>=)."""
+    m = evaluate.RISMetrics()
+    m.update(torch.tensor([1, 7]), torch.tensor([2, 10]))  # IoU 0.5 and 0.7
+    out = m.compute()
+    assert out["Prec@0.5"] == 1.0 and out["Prec@0.7"] == 0.5 and out["Prec@0.8"] == 0.0
+
+
+def test_state_roundtrip_is_exact_sum():
+    """Adding two metric states (what all_reduce does) equals seeing all pairs in one process."""
+    gen = torch.Generator().manual_seed(0)
+    pred = torch.rand(6, 5, 5, generator=gen) > 0.5
+    gt = torch.rand(6, 5, 5, generator=gen) > 0.5
+    inter, union = evaluate.intersection_union(pred, gt)
+    a, b, whole = evaluate.RISMetrics(), evaluate.RISMetrics(), evaluate.RISMetrics()
+    a.update(inter[:2], union[:2])
+    b.update(inter[2:], union[2:])
+    whole.update(inter, union)
+    merged = evaluate.RISMetrics()
+    merged.load_state(a.state() + b.state())
+    assert merged.compute() == pytest.approx(whole.compute())
+
+
+# --- from logits to the scored mask: undoing the padding ---
+
+
+@st.composite
+def image_sizes(draw, size=32):
+    """An original (Ho, Wo) whose longest side is S, so resizing to S is the identity."""
+    short = draw(st.integers(1, size))
+    return (size, short) if draw(st.booleans()) else (short, size)
+
+
+@given(image_sizes(), st.integers(0, 2**32 - 1))
+def test_original_resolution_scoring_undoes_padding_exactly(hw, seed):
+    """A prediction equal to the padded GT comes back as exactly the original GT (IoU 1)."""
+    import data
+    size = 32
+    gt = np.random.default_rng(seed).random(hw) > 0.5  # (Ho, Wo)
+    padded = data.transform_mask(gt, size)  # (S, S), padding 0
+    input_size = torch.tensor([data.resize_longest_side(*hw, size)])
+    logits = (padded * 20 - 10)[None, None]  # (1, 1, S, S): +10 inside the GT, -10 elsewhere
+    pred = evaluate.logits_to_masks(logits, input_size, torch.tensor([hw]), size=size)[0]
+    assert pred.shape == hw
+    assert torch.equal(pred, torch.from_numpy(gt))
+
+
+@given(st.integers(1, 40), st.integers(1, 40))
+def test_padding_never_scores(h, w):
+    """Foreground logits on the padding alone give an empty mask at the original resolution."""
+    import data
+    size = 32
+    h2, w2 = data.resize_longest_side(h, w, size)
+    logits = torch.full((1, 1, size, size), 10.0)
+    logits[..., :h2, :w2] = -10.0  # background on the image, foreground on the padding
+    pred = evaluate.logits_to_masks(logits, torch.tensor([[h2, w2]]), torch.tensor([[h, w]]), size=size)[0]
+    assert pred.shape == (h, w) and not pred.any()
+
+
+def test_eval_size_scores_on_a_square():
+    """--eval-size R gives R x R prediction and GT masks."""
+    logits = torch.zeros(2, 1, 8, 8)
+    preds = evaluate.logits_to_masks(logits, torch.tensor([[32, 20], [16, 32]]), torch.tensor([[50, 31], [9, 18]]),
+                                     size=32, eval_size=24)
+    assert [tuple(p.shape) for p in preds] == [(24, 24), (24, 24)]
+    assert evaluate.gt_at_eval_size(torch.ones(50, 31, dtype=torch.bool), 24).shape == (24, 24)
+
+
+def test_group_images_encodes_each_image_once():
+    """group_images picks one row per distinct image and maps every sentence back to it."""
+    ids = torch.tensor([7, 7, 3, 7, 9, 3])
+    rows, index = evaluate.group_images(ids)
+    assert ids[rows].tolist() == [7, 3, 9]
+    assert torch.equal(ids[rows][index], ids)
+
+
+class _GTDataset(torch.utils.data.Dataset):
+    """Random boxes in images of several sizes; the 'image' channel 0 holds the padded GT."""
+
+    def __init__(self, size=32, n=7):
+        import data
+        rng = np.random.default_rng(1)
+        self.size, self.items = size, []
+        for i in range(n):
+            hw = (size, int(rng.integers(4, size))) if i % 2 else (int(rng.integers(4, size)), size)
+            gt = np.zeros(hw, bool)
+            y, x = int(rng.integers(0, hw[0] - 3)), int(rng.integers(0, hw[1] - 3))
+            gt[y:y + 3, x:x + 3] = True
+            self.items.append((hw, gt, i // 2))
+        self.data = data
+
+    def __len__(self):
+        return len(self.items)
+
+    def original_mask(self, index):
+        return self.items[index][1]
+
+    def __getitem__(self, index):
+        hw, gt, image_id = self.items[index]
+        m = self.data.transform_mask(gt, self.size)
+        return {"image": m[None].repeat(3, 1, 1), "mask": m, "ids": torch.zeros(4, dtype=torch.long),
+                "word_mask": torch.ones(4, dtype=torch.bool), "orig_size": torch.tensor(hw),
+                "input_size": torch.tensor(self.data.resize_longest_side(*hw, self.size)), "ref_id": index,
+                "sent_id": index, "image_id": index, "sentence": "x", "index": index}
+
+
+class _OracleModel(torch.nn.Module):
+    """Returns the GT carried in the image as logits (B, 1, S, S), honouring image_index."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.cfg = type("Cfg", (), {"image_size": size})()
+
+    def forward(self, images, ids, word_mask, *, image_index=None):
+        logits = images[:, :1] * 20 - 10  # (B_img, 1, S, S)
+        return logits if image_index is None else logits[image_index]
+
+
+def test_evaluate_model_scores_a_perfect_model_one():
+    """evaluate_model gives oIoU = mIoU = 1 for a model whose logits are the padded GT."""
+    ds = _GTDataset()
+    out = evaluate.evaluate_model(_OracleModel(ds.size), ds, batch_size=3, progress=False)
+    assert out["count"] == len(ds)
+    assert out["oIoU"] == 1.0 and out["mIoU"] == 1.0 and out["Prec@0.9"] == 1.0
+
+
+# --- overlays and the command line ---
+
+
+def test_overlay_draws_mask_and_caption():
+    """The overlay keeps the image size (plus a caption band) and tints only the mask pixels."""
+    image = Image.new("RGB", (40, 30), (0, 0, 255))
+    mask = np.zeros((30, 40), bool)
+    mask[5:10, 5:10] = True
+    out = np.asarray(evaluate.draw_overlay(image, mask, "the thing", gt=mask, iou=1.0))
+    assert out.shape[1] == 40 and out.shape[0] > 30
+    assert tuple(out[20, 30]) == (0, 0, 255)  # untouched background
+    assert tuple(out[7, 7]) != (0, 0, 255)  # tinted mask
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A 1-step tiny-preset checkpoint trained on shapes at S = 64."""
+    import train
+    out = tmp_path_factory.mktemp("ckpt")
+    train.main(["--max-steps", "1", "--image-size", "64", "--batch-size", "2", "--val-split", "",
+                "--no-progress", "--out-dir", str(out)])
+    return out / "last.pt"
+
+
+def test_evaluate_cli_end_to_end(tiny_checkpoint, tmp_path, capsys):
+    """evaluate.py --ckpt rebuilds the model, prints the table and protocol, writes JSON and overlays."""
+    results = evaluate.main(["--ckpt", str(tiny_checkpoint), "--split", "val", "--batch-size", "32",
+                             "--vis", "2", "--out-dir", str(tmp_path), "--no-progress", "--eval-size", "48"])
+    printed = capsys.readouterr().out
+    assert "oIoU" in printed and "protocol" in printed and "48x48" in printed
+    report = json.loads((tmp_path / "eval_shapes_sq48.json").read_text())
+    assert report["results"]["val"]["count"] == results["val"]["count"] > 0
+    assert report["protocol"]["threshold"] == "sigmoid > 0.5"
+    assert len(list((tmp_path / "vis" / "val").glob("*.png"))) == 2
+
+
+def test_single_image_mode_writes_overlay_and_mask(tiny_checkpoint, tmp_path):
+    """--image/--text/--out writes an overlay PNG and a mask PNG at the image's resolution."""
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (45, 70, 3), dtype=np.uint8)).save(photo)
+    out = tmp_path / "overlay.png"
+    evaluate.main(["--ckpt", str(tiny_checkpoint), "--image", str(photo), "--text", "the red circle",
+                   "--out", str(out)])
+    mask = Image.open(tmp_path / "overlay_mask.png")
+    assert mask.size == (70, 45) and mask.mode == "L"
+    assert set(np.unique(np.asarray(mask))) <= {0, 255}
+    assert Image.open(out).size[0] == 70

@@ -1,0 +1,377 @@
+"""Tests for train.py: options, schedule, data order, checkpoints, exact resume, DDP, end to end."""
+import json
+import os
+import pathlib
+import pickle
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+
+import evaluate
+import maris
+import train
+from conftest import ROOT, shared_path
+
+# Tiny runs: the tiny preset at S = 64 (4 x 4 visual tokens), no progress bars.
+TINY = ["--preset", "tiny", "--image-size", "64", "--no-progress", "--log-every", "1", "--workers", "0"]
+
+
+# --- a self-written refer-layout fixture (DESIGN.md §5) ---
+
+def write_refer_fixture(root: pathlib.Path) -> pathlib.Path:
+    """A tiny RefCOCO (unc) in the refer layout: 5 images, 3 boxes each, 2 sentences per ref.
+
+    Images 1-2 are train, 3 val, 4 testA, 5 testB; each box is one COCO polygon annotation.
+    """
+    colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+    images, anns, refs = [], [], []
+    rng = np.random.default_rng(0)
+    splits = {1: "train", 2: "train", 3: "val", 4: "testA", 5: "testB"}
+    img_dir = root / "images" / "mscoco" / "images" / "train2014"
+    img_dir.mkdir(parents=True)
+    (root / "refcoco").mkdir()
+    sent_id = 0
+    for image_id, split in splits.items():
+        h, w = (48, 72) if image_id % 2 else (80, 56)
+        pixels = np.full((h, w, 3), 128, np.uint8)
+        name = f"COCO_train2014_{image_id:012d}.jpg"
+        images.append({"id": image_id, "height": h, "width": w, "file_name": name})
+        for k, (colour, rgb) in enumerate(colours.items()):
+            x0 = int(k * w / 3 + 2)
+            x1 = int((k + 1) * w / 3 - 2)
+            y0 = int(rng.integers(0, h // 2))
+            y1 = y0 + h // 3
+            pixels[y0:y1, x0:x1] = rgb
+            ann_id = image_id * 10 + k
+            anns.append({"id": ann_id, "image_id": image_id, "category_id": 1, "iscrowd": 0,
+                         "area": float((x1 - x0) * (y1 - y0)), "bbox": [x0, y0, x1 - x0, y1 - y0],
+                         "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]]})
+            place = ("left", "middle", "right")[k]
+            sents = []
+            for text in (f"{colour} box", f"box in the {place}"):
+                sents.append({"tokens": text.split(), "raw": text, "sent_id": sent_id, "sent": text})
+                sent_id += 1
+            refs.append({"sent_ids": [s["sent_id"] for s in sents], "file_name": f"COCO_train2014_{image_id:012d}_{k}.jpg",
+                         "ann_id": ann_id, "ref_id": ann_id, "image_id": image_id, "split": split,
+                         "sentences": sents, "category_id": 1})
+        Image.fromarray(pixels).save(img_dir / name, quality=95)
+    with open(root / "refcoco" / "refs(unc).p", "wb") as f:
+        pickle.dump(refs, f, protocol=2)
+    categories = [{"id": 1, "name": "box", "supercategory": "thing"}]
+    (root / "refcoco" / "instances.json").write_text(
+        json.dumps({"images": images, "annotations": anns, "categories": categories}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def refer_root(tmp_path_factory):
+    return write_refer_fixture(tmp_path_factory.mktemp("refer"))
+
+
+def refer_args(root, out, *extra):
+    return ["--dataset", "refcoco", "--data-root", str(root), "--out-dir", str(out), "--batch-size", "2",
+            "--lr", "1e-3", "--warmup-steps", "2", *TINY, *extra]
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+# --- options ---
+
+def test_help_lists_every_option(capsys):
+    """`--help` names every TrainOptions field as a flag, each with its default."""
+    with pytest.raises(SystemExit) as e:
+        train.main(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for f in train.dataclasses.fields(train.TrainOptions):
+        assert "--" + f.name.replace("_", "-") in text, f.name
+    assert text.count("(default:") >= len(train.dataclasses.fields(train.TrainOptions))
+
+
+def test_auto_options_depend_on_dataset():
+    """Unset options resolve to the shapes demo values for shapes and the MARIS recipe otherwise."""
+    shapes = train.resolve_options(train.TrainOptions())
+    ref = train.resolve_options(train.TrainOptions(dataset="refcocog"))
+    assert (shapes.preset, ref.preset) == ("tiny", "vit_b")
+    assert ref.lr == 1e-4 and ref.batch_size == 8 and ref.epochs == 50
+    assert ref.split_by == "umd" and ref.context_length == 30 and shapes.context_length == 20
+    assert train.resolve_options(train.TrainOptions(lr=3e-4)).lr == 3e-4
+
+
+# --- schedule and data order ---
+
+@given(st.integers(1, 50), st.integers(0, 20), st.sampled_from(["cosine", "poly", "constant"]))
+def test_schedule_warms_up_then_never_increases(total, warmup, kind):
+    """The LR factor rises linearly to 1 during warm-up, then never increases and stays in [0, 1]."""
+    f = train.LRSchedule(total + warmup, warmup, kind)
+    values = [f(s) for s in range(total + warmup + 3)]
+    assert all(0.0 <= v <= 1.0 for v in values)
+    after = values[warmup:] if warmup else values
+    assert all(a >= b for a, b in zip(after, after[1:]))
+    assert all(a < b for a, b in zip(values[:warmup], values[1:warmup]))
+
+
+@given(st.integers(4, 60), st.integers(1, 4), st.integers(1, 3), st.integers(0, 5), st.integers(0, 3))
+def test_epoch_order_is_pure_and_ranks_disjoint(n, batch, world, seed, epoch):
+    """The batches are a pure function of (seed, epoch); ranks get disjoint, full batches."""
+    per_rank = [train.epoch_batches(n, batch_size=batch, seed=seed, epoch=epoch, rank=r, world=world)
+                for r in range(world)]
+    again = [train.epoch_batches(n, batch_size=batch, seed=seed, epoch=epoch, rank=r, world=world)
+             for r in range(world)]
+    assert per_rank == again
+    seen = [i for rank in per_rank for b in rank for i in b]
+    assert len(seen) == len(set(seen))
+    assert all(len(b) == batch for rank in per_rank for b in rank)
+
+
+@given(st.lists(st.integers(0, 5), min_size=4, max_size=40), st.integers(1, 4), st.integers(2, 4),
+       st.integers(0, 3))
+def test_image_grouped_order_is_pure_and_groups_images(image_ids, batch, k, epoch):
+    """With --sentences-per-image K the batches are a pure function of (seed, epoch), full, and
+    each item appears at most once per epoch."""
+    kw = dict(batch_size=batch, seed=1, epoch=epoch, rank=0, world=1, image_ids=image_ids, sentences_per_image=k)
+    batches = train.epoch_batches(len(image_ids), **kw)
+    assert batches == train.epoch_batches(len(image_ids), **kw)
+    seen = [i for b in batches for i in b]
+    assert len(seen) == len(set(seen)) and all(len(b) == batch for b in batches)
+
+
+# --- checkpoints ---
+
+def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    """A save that dies half-way leaves the previous checkpoint intact and no temp file behind."""
+    path = tmp_path / "last.pt"
+    train.atomic_save({"step": 1}, path)
+
+    def broken_save(obj, f):
+        f.write(b"partial garbage")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(train.torch, "save", broken_save)
+    with pytest.raises(OSError):
+        train.atomic_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_rng_state_roundtrip():
+    """Restoring a saved RNG state replays python, numpy and torch random numbers exactly."""
+    import random
+    state = train.rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(3))
+    train.set_rng_state(state)
+    b = (random.random(), np.random.rand(), torch.rand(3))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_checkpoint_is_self_describing(refer_root, tmp_path):
+    """last.pt loads with weights_only and holds config, options, trainable weights only and state."""
+    out = tmp_path / "run"
+    result = train.main(refer_args(refer_root, out, "--max-steps", "2"))
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    for key in ("config", "options", "model", "optimizer", "scheduler", "step", "epoch", "rng", "sampler",
+                "best_oIoU"):
+        assert key in ckpt, key
+    assert ckpt["step"] == result["step"] == 2
+    assert not any(k.startswith(("image_encoder.", "text_encoder.")) for k in ckpt["model"])
+    model = evaluate.model_from_checkpoint(ckpt)
+    assert set(model.trainable_state_dict()) == set(ckpt["model"])
+    assert (out / "best.pt").is_file()
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {x["kind"] for x in lines} == {"train", "eval"}
+
+
+def test_optimizer_holds_only_trainable_parameters(refer_root):
+    """The optimizer's parameters are exactly the model's requires_grad parameters."""
+    opts = train.resolve_options(train.TrainOptions(dataset="refcoco", preset="tiny", image_size=64))
+    model = evaluate.build_model(train.model_config(opts))
+    opt = train.build_optimizer(model, opts)
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert in_opt == {id(p) for p in model.parameters() if p.requires_grad}
+    assert not model.image_encoder.training and not model.text_encoder.training
+
+
+def test_resume_is_bit_identical(refer_root, tmp_path):
+    """N steps + resume + N steps equal 2N straight steps bit for bit (across an epoch boundary)."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    # 12 train items / batch 2 = 6 steps per epoch; 4 + 4 crosses the boundary at step 6.
+    train.main(refer_args(refer_root, straight, "--max-steps", "8", "--epochs", "3"))
+    train.main(refer_args(refer_root, split, "--max-steps", "4", "--epochs", "3"))
+    mid = torch.load(split / "last.pt", weights_only=True)
+    assert (mid["step"], mid["sampler"]["batch_in_epoch"]) == (4, 4)
+    result = train.main(["--resume", str(split / "last.pt"), "--max-steps", "8", "--no-progress"])
+    assert result["step"] == 8
+    a, b = weights(straight / "last.pt"), weights(split / "last.pt")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sa = torch.load(straight / "last.pt", weights_only=True)["optimizer"]["state"]
+    sb = torch.load(split / "last.pt", weights_only=True)["optimizer"]["state"]
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+
+
+def test_resume_with_more_epochs_extends_the_schedule(refer_root, tmp_path):
+    """Resuming a finished run with a larger --epochs trains on with a fresh, non-zero learning rate."""
+    out = tmp_path / "run"
+    train.main(refer_args(refer_root, out, "--epochs", "1", "--schedule", "poly", "--val-split", ""))
+    assert torch.load(out / "last.pt", weights_only=True)["scheduler"]["_last_lr"][0] == 0.0
+    result = train.main(["--resume", "auto", "--out-dir", str(out), "--dataset", "refcoco", "--epochs", "2",
+                         "--no-progress"])
+    assert result["step"] == 12
+    lrs = [json.loads(x)["lr"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[6] > 0.0 and lrs[-1] == 0.0
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good(refer_root, tmp_path, monkeypatch):
+    """A NaN loss stops the run with a message naming the step; last.pt stays the last good one."""
+    real = maris.segmentation_loss
+    calls = {"n": 0}
+
+    def loss_nan_at_step_4(*args, **kwargs):
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        if calls["n"] >= 4:
+            out = {k: v * float("nan") for k, v in out.items()}
+        return out
+
+    monkeypatch.setattr(maris, "segmentation_loss", loss_nan_at_step_4)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train.main(refer_args(refer_root, out, "--save-every", "2", "--val-split", ""))
+    assert "non-finite loss" in str(e.value) and "step 4" in str(e.value)
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_sigterm_saves_last_and_exits_cleanly(refer_root, tmp_path, monkeypatch):
+    """SIGTERM during training finishes the step, writes last.pt and returns normally."""
+    real = maris.segmentation_loss
+    calls = {"n": 0}
+
+    def loss_then_signal(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(maris, "segmentation_loss", loss_then_signal)
+    before = signal.getsignal(signal.SIGTERM)
+    result = train.main(refer_args(refer_root, tmp_path / "run", "--val-split", ""))
+    assert result["stopped_by"] == "SIGTERM" and result["step"] == 3
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 3
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+# --- user-facing errors ---
+
+def test_missing_refcoco_data_gives_clean_message(tmp_path):
+    """`train.py --dataset refcoco` without data exits with the missing file, the layout and the sources."""
+    proc = subprocess.run([sys.executable, "train.py", "--dataset", "refcoco", "--data-root", str(tmp_path / "none")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert "refs(unc).p" in proc.stderr and "train2014" in proc.stderr
+    assert "refer" in proc.stderr and "cocodataset" in proc.stderr.lower()
+
+
+# --- DDP ---
+
+def test_ddp_two_gloo_processes_match_one_process(tmp_path):
+    """torchrun with 2 CPU processes (gloo), batch 2 each, gives the weights of 1 process with batch 4."""
+    common = ["--max-steps", "3", "--val-split", "", "--image-size", "64", "--no-progress", "--log-every", "1",
+              "--lr", "1e-3", "--warmup-steps", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "train.py", "--batch-size", "2", "--out-dir", str(tmp_path / "ddp"), *common],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = train.main(["--batch-size", "4", "--out-dir", str(tmp_path / "one"), *common])
+    assert single["step"] == 3
+    ckpt = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
+    assert ckpt["step"] == 3 and ckpt["sampler"]["world_size"] == 2 and len(ckpt["rng"]) == 2
+    ddp_log = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    one_log = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in ddp_log if x["kind"] == "train"] == [1, 2, 3]
+    # The same items per step and averaged gradients: the (rank-averaged) losses agree to rounding.
+    assert [x["loss"] for x in ddp_log] == pytest.approx([x["loss"] for x in one_log], rel=1e-5)
+    # Weights agree far below one Adam step (lr 1e-3); biases with zero true gradient (attention key
+    # biases) get rounding-noise gradients that Adam normalises, hence the absolute tolerance.
+    a, b = ckpt["model"], weights(tmp_path / "one" / "last.pt")
+    assert all(torch.allclose(a[k], b[k], atol=2e-4, rtol=0) for k in a)
+
+
+# --- end to end: train, save, resume, evaluate through the command-line entry points ---
+
+def _train_resume_evaluate(root, tmp_path, capsys):
+    out = tmp_path / "run"
+    first = train.main(refer_args(root, out, "--max-steps", "2"))
+    assert first["step"] == 2 and (out / "last.pt").is_file()
+    second = train.main(["--resume", "auto", "--out-dir", str(out), "--dataset", "refcoco", "--max-steps", "4",
+                         "--no-progress"])
+    assert second["step"] == 4
+    capsys.readouterr()
+    results = evaluate.main(["--ckpt", str(out / "last.pt"), "--split", "val,testA", "--split", "testB",
+                             "--no-progress", "--vis", "1", "--out-dir", str(tmp_path / "eval")])
+    printed = capsys.readouterr().out
+    assert list(results) == ["val", "testA", "testB"]
+    for split, m in results.items():
+        assert m["count"] > 0 and 0.0 <= m["oIoU"] <= 1.0 and split in printed
+    report = json.loads((tmp_path / "eval" / "eval_refcoco_unc.json").read_text())
+    assert report["protocol"]["eval_size"] is None and set(report["results"]) == {"val", "testA", "testB"}
+    assert len(list((tmp_path / "eval" / "vis").rglob("*.png"))) == 3
+    return results
+
+
+def test_end_to_end_refcoco_mini(tmp_path, capsys):
+    """Train on the real-format refcoco-mini (unc train), resume, and score val/testA/testB."""
+    root = shared_path("refcoco-mini")
+    results = _train_resume_evaluate(root, tmp_path, capsys)
+    assert [results[s]["count"] for s in ("val", "testA", "testB")] == [6, 6, 6]
+
+
+def test_end_to_end_refer_fixture(refer_root, tmp_path, capsys):
+    """The same train / resume / evaluate path on the self-written refer-layout fixture."""
+    results = _train_resume_evaluate(refer_root, tmp_path, capsys)
+    assert [results[s]["count"] for s in ("val", "testA", "testB")] == [6, 6, 6]
+
+
+# --- GPU ---
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_bf16_overfits_one_batch(refer_root):
+    """On the GPU in bf16, the tiny preset overfits one real-format batch (IoU > 0.8 on it)."""
+    import data
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    ds = data.build_dataset("refcoco", "train", root=refer_root, image_size=64)
+    batch = torch.utils.data.default_collate([ds[i] for i in range(4)])
+    model = evaluate.build_model(maris.config_to_dict(maris.make_config("tiny", image_size=64))).to(device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    images, ids, wm = batch["image"].to(device), batch["ids"].to(device), batch["word_mask"].to(device)
+    masks = batch["mask"].to(device)
+    valid = train.data.valid_mask(batch["input_size"], 64).to(device)
+    for _ in range(200):
+        with evaluate.autocast(device, "auto"):
+            logits = model(images, ids, wm)
+        loss = maris.segmentation_loss(logits.float(), masks, valid, model.cfg)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad(), evaluate.autocast(device, "auto"):
+        logits = model(images, ids, wm)
+    preds = evaluate.logits_to_masks(logits, batch["input_size"], batch["orig_size"], size=64)
+    m = evaluate.RISMetrics()
+    for b, pred in enumerate(preds):
+        m.update(*evaluate.intersection_union(pred.cpu(), torch.from_numpy(ds.original_mask(b))))
+    assert m.compute()["mIoU"] > 0.8

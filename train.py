@@ -1,0 +1,625 @@
+"""Train MARIS (DESIGN.md §7): single process or `torchrun` DDP, atomic checkpoints, exact resume.
+
+    python train.py                                   # tiny preset on the built-in shapes data, CPU
+    python train.py --dataset refcoco --sam-checkpoint sam_vit_b_01ec64.pth --clip-checkpoint ViT-B-16.pt
+    torchrun --nproc_per_node 4 train.py --dataset refcoco ...        # DDP (NCCL on GPU, gloo on CPU)
+    python train.py --resume auto                     # continue <out-dir>/last.pt exactly
+
+Every option is a field of `TrainOptions`; `python train.py --help` lists them with their defaults.
+Options left at "auto" get a dataset-dependent value (`resolve_options`): the shapes demo trains the
+tiny preset from scratch with a larger learning rate for a few minutes on a CPU; the RefCOCO family
+uses the MARIS recipe (vit_b, lr 1e-4, 50 epochs); both use batch 8 per process.
+
+Exact resume: the order of the training items is a pure function of (seed, epoch) (a
+DistributedSampler permutation), so a checkpoint stores the epoch and the number of batches already
+done in it; resuming skips those batches and restores the optimizer, scheduler and every RNG state.
+On a CPU, N steps + resume + N steps give the same weights, bit for bit, as 2N straight steps.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import random
+import signal
+import tempfile
+import time
+import typing
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+import maris
+from evaluate import autocast, build_model, evaluate_model, group_images, resolve_device
+
+
+# --- Options ---
+
+def _opt(default, help: str, auto: str | None = None, **kw):
+    """A TrainOptions field with its help text (and what "auto" resolves to, for None defaults)."""
+    return field(default=default, metadata={"help": help, "auto": auto, **kw})
+
+
+@dataclass
+class TrainOptions:
+    """Every command-line option of train.py (flag = field name with '-' for '_')."""
+
+    # data
+    dataset: str = _opt("shapes", "shapes (built-in, no download) | refcoco | refcoco+ | refcocog")
+    split_by: str | None = _opt(None, "partition of the RefCOCO family: unc | google | umd",
+                                "unc for refcoco/refcoco+, umd for refcocog")
+    data_root: str = _opt("data", "refer-layout data root: <root>/refcoco/refs(unc).p, <root>/images/mscoco/...")
+    image_dir: str | None = _opt(None, "COCO train2014 image folder", "<data-root>/images/mscoco/images/train2014")
+    train_split: str = _opt("train", "split to train on")
+    val_split: str = _opt("val", "split scored after each evaluation interval ('' = none)")
+    val_limit: int = _opt(0, "score only the first N validation items (0 = the whole split)")
+    # model
+    preset: str | None = _opt(None, "model preset: tiny | vit_b | vit_l | vit_h", "tiny for shapes, else vit_b")
+    sam_checkpoint: str | None = _opt(None, "official SAM weights (sam_vit_b_01ec64.pth, ...); none = random encoder")
+    clip_checkpoint: str | None = _opt(None, "CLIP weights (OpenAI ViT-B-16.pt, ...); none = random text encoder")
+    image_size: int | None = _opt(None, "padded input side S", "the preset's (1024 for SAM presets)")
+    context_length: int | None = _opt(None, "text tokens L", "30 for refcocog, else 20")
+    loss_focal_weight: float | None = _opt(None, "focal loss weight", "the preset's (20)")
+    loss_dice_weight: float | None = _opt(None, "dice loss weight", "the preset's (1)")
+    model_set: list | None = _opt(None, "extra MarisConfig overrides, repeatable: --model-set maa_depth=3", "none",
+                           multiple=True)
+    # optimisation
+    epochs: int | None = _opt(None, "training epochs", "4 for shapes, else 50")
+    batch_size: int = _opt(8, "sentences per step per process")
+    lr: float | None = _opt(None, "AdamW peak learning rate", "1e-3 for shapes (training from scratch), else 1e-4")
+    weight_decay: float = _opt(0.01, "AdamW weight decay (not applied to biases and norm weights)")
+    warmup_steps: int | None = _opt(None, "linear warm-up steps", "100 for shapes, else 1000")
+    schedule: str = _opt("cosine", "learning-rate decay after warm-up: cosine | poly | constant")
+    grad_clip: float = _opt(1.0, "clip the gradient norm to this value (0 = off)")
+    seed: int = _opt(0, "seed of the data order, the model initialisation and every RNG")
+    sentences_per_image: int = _opt(1, "keep up to K sentences of one image in a batch and encode each image "
+                                       "once (1 = ordinary shuffled batches)")
+    max_steps: int = _opt(0, "stop after this many optimizer steps (0 = run all epochs); the schedule keeps "
+                             "its full length")
+    # run
+    out_dir: str | None = _opt(None, "where last.pt, best.pt and metrics.jsonl go", "runs/<dataset>")
+    resume: str | None = _opt(None, "checkpoint to continue from, or 'auto' = <out-dir>/last.pt when it exists")
+    eval_every: int = _opt(1, "score the validation split every N epochs (0 = only at the end)")
+    log_every: int = _opt(20, "write a metrics.jsonl line every N steps")
+    save_every: int = _opt(0, "also write last.pt every N steps (0 = at the end of each epoch only)")
+    workers: int | None = _opt(None, "DataLoader worker processes per training process",
+                               "0 for shapes (rendering is cheap), else min(4, CPU count)")
+    device: str = _opt("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
+    precision: str = _opt("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32")
+    progress: bool = _opt(True, "show tqdm progress bars")
+
+
+# Values that "auto" options take, per dataset kind (shapes demo vs. the RefCOCO family).
+# NOTE(paper): the RefCOCO values are DESIGN.md §7's reconstruction of the MARIS recipe; the shapes
+# values were tuned so that `python train.py` gives a useful model in a few minutes on 2 CPU cores.
+AUTO = {
+    "shapes": dict(preset="tiny", epochs=4, lr=1e-3, warmup_steps=100, workers=0),
+    "refcoco": dict(preset="vit_b", epochs=50, lr=1e-4, warmup_steps=1000, workers=min(4, os.cpu_count() or 1)),
+}
+
+
+def resolve_options(opts: TrainOptions) -> TrainOptions:
+    """Fill every "auto" (None) option with its dataset-dependent value.
+
+    Raises:
+        SystemExit: an unknown dataset, schedule or precision name.
+    """
+    if opts.dataset != "shapes" and opts.dataset not in data.DATASETS:
+        raise SystemExit(f"error: unknown --dataset {opts.dataset!r}; expected shapes or one of "
+                         f"{sorted(data.DATASETS)}")
+    if opts.schedule not in ("cosine", "poly", "constant"):
+        raise SystemExit(f"error: --schedule must be cosine, poly or constant, got {opts.schedule!r}")
+    if opts.precision not in ("auto", "bf16", "fp32"):
+        raise SystemExit(f"error: --precision must be auto, bf16 or fp32, got {opts.precision!r}")
+    kind = "shapes" if opts.dataset == "shapes" else "refcoco"
+    values = dataclasses.asdict(opts)
+    for key, value in AUTO[kind].items():
+        if values[key] is None:
+            values[key] = value
+    if values["split_by"] is None and opts.dataset != "shapes":
+        values["split_by"] = data.DATASETS[opts.dataset][0]
+    if values["context_length"] is None:
+        values["context_length"] = 30 if opts.dataset == "refcocog" else 20  # as data.py's defaults
+    if values["out_dir"] is None:
+        values["out_dir"] = str(pathlib.Path("runs") / opts.dataset)
+    values["model_set"] = list(values["model_set"] or [])
+    return TrainOptions(**values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """argparse built from TrainOptions; each flag's help shows its default (or its "auto" rule)."""
+    p = argparse.ArgumentParser(description="Train MARIS (referring image segmentation on SAM + CLIP).",
+                                argument_default=argparse.SUPPRESS)  # absent flags stay absent (resume)
+    hints = typing.get_type_hints(TrainOptions)
+    for f in dataclasses.fields(TrainOptions):
+        flag = "--" + f.name.replace("_", "-")
+        shown = f.metadata["auto"] if f.default is None else f.default
+        help_text = f"{f.metadata['help']} (default: {shown})"
+        if hints[f.name] is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+            continue
+        base = [t for t in typing.get_args(hints[f.name]) if t is not type(None)] or [hints[f.name]]
+        kind = base[0]
+        if f.metadata.get("multiple"):
+            p.add_argument(flag, action="append", metavar="KEY=VALUE", help=help_text)
+        else:
+            p.add_argument(flag, type=kind if kind in (int, float) else str, metavar=f.name.upper(), help=help_text)
+    return p
+
+
+def parse_options(argv: list[str] | None) -> tuple[TrainOptions, dict]:
+    """Command line → (options with defaults filled, the options given explicitly)."""
+    explicit = vars(build_parser().parse_args(argv))
+    return TrainOptions(**explicit), explicit
+
+
+def model_config(opts: TrainOptions) -> dict:
+    """The MarisConfig dict for resolved options (preset + explicit overrides).
+
+    Raises:
+        SystemExit: an unknown preset or a bad --model-set entry.
+    """
+    overrides = {}
+    if opts.image_size is not None:
+        overrides["image_size"] = opts.image_size
+    overrides["context_length"] = opts.context_length
+    known = {f.name: f for f in dataclasses.fields(maris.MarisConfig)}
+    if "init_seed" in known:
+        overrides["init_seed"] = opts.seed  # the model initialisation follows --seed too
+    if opts.loss_focal_weight is not None:
+        overrides["loss_focal_weight"] = opts.loss_focal_weight
+    if opts.loss_dice_weight is not None:
+        overrides["loss_dice_weight"] = opts.loss_dice_weight
+    for item in opts.model_set:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in known:
+            raise SystemExit(f"error: --model-set {item!r}: expected KEY=VALUE with KEY a MarisConfig field "
+                             f"({', '.join(sorted(known))})")
+        try:
+            overrides[key] = json.loads(raw)  # numbers, booleans, lists
+        except json.JSONDecodeError:
+            overrides[key] = raw  # plain strings
+    if opts.preset not in maris.PRESETS:
+        raise SystemExit(f"error: unknown --preset {opts.preset!r}; expected one of {sorted(maris.PRESETS)}")
+    try:
+        cfg = maris.make_config(opts.preset, **overrides)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"error: bad model configuration: {e}") from None
+    return maris.config_to_dict(cfg)
+
+
+# --- Learning-rate schedule ---
+
+class LRSchedule:
+    """Linear warm-up to the peak, then cosine / poly (power 0.9) decay to 0, or constant.
+
+    A callable object (not a lambda) so LambdaLR's state_dict keeps its fields.
+    """
+
+    def __init__(self, total_steps: int, warmup_steps: int, kind: str):
+        self.total_steps, self.warmup_steps, self.kind = int(total_steps), int(warmup_steps), kind
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return 1.0
+        t = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        if self.kind == "poly":
+            return (1.0 - t) ** 0.9  # NOTE(paper): LAVT/CRIS-style poly decay, power 0.9
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def build_optimizer(model: torch.nn.Module, opts: TrainOptions) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters only; no weight decay on biases and norm weights (1-D)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    if not decay and not no_decay:
+        raise SystemExit("error: the model has no trainable parameters")
+    groups = [{"params": decay, "weight_decay": opts.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=opts.lr)
+
+
+# --- Data order: a pure function of (seed, epoch) ---
+
+def epoch_batches(num_items: int, *, batch_size: int, seed: int, epoch: int, rank: int, world: int,
+                  image_ids: list[int] | None = None, sentences_per_image: int = 1) -> list[list[int]]:
+    """The batches (item indices) one process runs in one epoch: a pure function of its arguments.
+
+    sentences_per_image = 1: a DistributedSampler permutation (shuffle, drop_last), cut into
+    batches; the last incomplete batch is dropped, so every step sees `batch_size` items per process.
+    sentences_per_image = k > 1: data.ImageGroupedBatchSampler keeps up to k sentences of one image
+    together, so the frozen encoder runs once per distinct image of the batch (DESIGN.md §7).
+    Either way a resumed run can skip the batches it already did.
+    """
+    if sentences_per_image > 1:
+        if image_ids is None:
+            raise ValueError("image-grouped batches need the dataset's image_ids")
+        sampler = data.ImageGroupedBatchSampler(image_ids, batch_size, sentences_per_image=sentences_per_image,
+                                                shuffle=True, seed=seed, drop_last=True, num_replicas=world,
+                                                rank=rank)
+        sampler.set_epoch(epoch)
+        return [list(b) for b in sampler]
+    sampler = torch.utils.data.DistributedSampler(range(num_items), num_replicas=world, rank=rank,
+                                                  shuffle=True, seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    order = list(sampler)
+    return [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+
+
+# --- Checkpoints: atomic, self-describing ---
+
+def rng_state() -> dict:
+    """Every RNG this process uses, in plain tensors and Python values (weights_only-loadable)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, keys.tolist(), int(pos), int(has_gauss), float(cached)),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Inverse of `rng_state`."""
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj: dict, path: pathlib.Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+
+    A kill at any moment leaves either the old file or the new one, never a partial file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX and Windows within one file system
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# --- Distributed setup ---
+
+def setup_distributed(opts: TrainOptions) -> tuple[int, int, torch.device]:
+    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA).
+
+    Returns:
+        (rank, world size, this process's device).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(opts.device)
+    if world <= 1:
+        return 0, 1, device
+    rank = int(os.environ["RANK"])
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few numbers over all ranks (identity in a single process)."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# --- Training ---
+
+class _Stop:
+    """Set by the SIGINT/SIGTERM handler; checked after every step."""
+
+    def __init__(self):
+        self.signal: str | None = None
+
+    def __call__(self, signum, frame):
+        if self.signal is not None:  # a second signal: stop now, without saving
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+
+def train(opts: TrainOptions, explicit: dict) -> dict:
+    """Run a training job (called by `main`; see the module docstring).
+
+    Returns:
+        dict(step, epoch, best_oIoU, val=last validation metrics or None, out_dir, stopped_by).
+
+    Raises:
+        SystemExit: missing data, a bad option, a non-finite loss (names the step).
+    """
+    rank, world, device = setup_distributed(opts)
+    main_process = rank == 0
+
+    # Resume: the checkpoint's options, with the flags given on this command line on top.
+    ckpt = None
+    resume = opts.resume
+    if resume == "auto":
+        out_dir = resolve_options(opts).out_dir
+        resume = str(pathlib.Path(out_dir) / "last.pt") if (pathlib.Path(out_dir) / "last.pt").is_file() else None
+        if resume is None and main_process:
+            print(f"--resume auto: no {pathlib.Path(out_dir) / 'last.pt'} yet, starting a new run")
+    if resume:
+        if not pathlib.Path(resume).is_file():
+            raise SystemExit(f"error: --resume {resume}: no such checkpoint")
+        ckpt = torch.load(resume, map_location="cpu", weights_only=True)
+        stored = {k: v for k, v in ckpt["options"].items() if k in {f.name for f in dataclasses.fields(TrainOptions)}}
+        opts = TrainOptions(**{**stored, **explicit})
+    opts = resolve_options(opts)
+    out_dir = pathlib.Path(opts.out_dir)
+
+    # Datasets (data.py raises FileNotFoundError naming the missing file and the expected layout).
+    try:
+        config = model_config(opts) if ckpt is None else ckpt["config"]
+        if ckpt is not None and explicit.keys() & {"preset", "image_size", "context_length", "model_set",
+                                                   "loss_focal_weight", "loss_dice_weight"}:
+            if model_config(opts) != config and main_process:
+                print("note: model options given with --resume are ignored; the checkpoint's config is used")
+        size = config["image_size"]
+        kw = dict(root=opts.data_root, split_by=opts.split_by, image_size=size,
+                  context_length=config["context_length"], image_dir=opts.image_dir)
+        train_set = data.build_dataset(opts.dataset, opts.train_split, **kw)
+        val_set = data.build_dataset(opts.dataset, opts.val_split, **kw) if opts.val_split else None
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if val_set is not None and opts.val_limit > 0:
+        val_set = _Head(val_set, opts.val_limit)
+
+    # Seeds: the model build is seeded on its own (evaluate.build_model); the RNGs used while
+    # training differ per rank so that random choices (e.g. Mask Grounding's masking) do too.
+    random.seed(opts.seed + rank)
+    np.random.seed(opts.seed + rank)
+    torch.manual_seed(opts.seed + rank)
+
+    model = build_model(config, sam_checkpoint=opts.sam_checkpoint, clip_checkpoint=opts.clip_checkpoint).to(device)
+    cfg = maris.config_from_dict(config)
+    optimizer = build_optimizer(model, opts)
+    order = dict(batch_size=opts.batch_size, seed=opts.seed, rank=rank, world=world,
+                 image_ids=list(train_set.image_ids), sentences_per_image=opts.sentences_per_image)
+    batches_per_epoch = len(epoch_batches(len(train_set), epoch=0, **order))
+    if batches_per_epoch == 0:
+        raise SystemExit(f"error: the {opts.train_split} split has {len(train_set)} items, fewer than "
+                         f"batch size {opts.batch_size} x {world} process(es)")
+    total_steps = opts.epochs * batches_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(total_steps, opts.warmup_steps,
+                                                                         opts.schedule))
+    step, epoch, batch_in_epoch, best = 0, 0, 0, -1.0
+    if ckpt is not None:
+        model.load_trainable_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        # The schedule follows this run's options, so --epochs / --lr given with --resume take effect
+        # from the current step on; with unchanged options this reproduces the stored values exactly.
+        scheduler.lr_lambdas = [LRSchedule(total_steps, opts.warmup_steps, opts.schedule)
+                                for _ in optimizer.param_groups]
+        scheduler.base_lrs = [opts.lr for _ in optimizer.param_groups]
+        for group, fn in zip(optimizer.param_groups, scheduler.lr_lambdas):
+            group["initial_lr"], group["lr"] = opts.lr, opts.lr * fn(scheduler.last_epoch)
+        step, best = int(ckpt["step"]), float(ckpt["best_oIoU"])
+        epoch, batch_in_epoch = int(ckpt["sampler"]["epoch"]), int(ckpt["sampler"]["batch_in_epoch"])
+        if ckpt["sampler"]["world_size"] != world and main_process:
+            print(f"note: checkpoint written with {ckpt['sampler']['world_size']} process(es), resuming with "
+                  f"{world}: the data order after resume differs from an uninterrupted run")
+        rngs = ckpt["rng"]
+        set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+        if main_process:
+            print(f"resumed from {resume}: step {step}, epoch {epoch}, batch {batch_in_epoch}")
+    ddp_model = model
+    if world > 1:
+        # broadcast_buffers off: the frozen encoders' buffers are identical on every rank already.
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False, find_unused_parameters=True)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_train = sum(p.numel() for p in trainable)
+    n_all = sum(p.numel() for p in model.parameters())
+    if main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        print(f"MARIS {opts.preset} S={size} on {opts.dataset} {opts.train_split}: {len(train_set)} items, "
+              f"{batches_per_epoch} steps/epoch x {opts.epochs} epochs, batch {opts.batch_size} x {world}, "
+              f"{n_train:,} trainable of {n_all:,} parameters, {device}, out {out_dir}")
+        print(f"encoders: SAM {opts.sam_checkpoint or 'RANDOM (no --sam-checkpoint)'}, "
+              f"CLIP {opts.clip_checkpoint or 'RANDOM (no --clip-checkpoint)'}")
+    log_path = out_dir / "metrics.jsonl"
+
+    start = time.time()
+
+    def log(record: dict) -> None:
+        if main_process:
+            with open(log_path, "a") as f:
+                f.write(json.dumps({**record, "seconds": round(time.time() - start, 2)}) + "\n")
+
+    def checkpoint(path: pathlib.Path) -> None:
+        """Write a checkpoint (every rank calls it: the RNG states are gathered to rank 0)."""
+        states = [None] * world
+        if world > 1:
+            dist.all_gather_object(states, rng_state())
+        else:
+            states = [rng_state()]
+        if not main_process:
+            return
+        atomic_save({
+            "config": config, "options": dataclasses.asdict(opts),
+            "model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "best_oIoU": best,
+            "sampler": {"seed": opts.seed, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                        "world_size": world, "batch_size": opts.batch_size},
+            "rng": states,
+        }, path)
+
+    # The checkpoint a non-finite loss falls back on: the resumed one until this run saves.
+    last_good = {"path": resume, "step": step} if ckpt is not None else {"path": None, "step": None}
+
+    def save_last() -> None:
+        checkpoint(out_dir / "last.pt")
+        last_good.update(path=out_dir / "last.pt", step=step)
+
+    def validate() -> dict | None:
+        nonlocal best
+        if val_set is None:
+            return None
+        metrics = evaluate_model(model, val_set, batch_size=opts.batch_size, device=device,
+                                 precision=opts.precision, workers=opts.workers,
+                                 progress=opts.progress and main_process, desc=f"val {opts.val_split}")
+        log({"kind": "eval", "step": step, "epoch": epoch, "split": opts.val_split, **metrics})
+        improved = metrics["oIoU"] > best
+        if main_process:
+            print(f"step {step} epoch {epoch}: val {opts.val_split} oIoU {100 * metrics['oIoU']:.2f}  "
+                  f"mIoU {100 * metrics['mIoU']:.2f}  Prec@0.5 {100 * metrics['Prec@0.5']:.2f}  "
+                  f"({metrics['count']} pairs)" + ("  new best" if improved else ""))
+        if improved:
+            best = metrics["oIoU"]
+            checkpoint(out_dir / "best.pt")
+        return metrics
+
+    stop = _Stop()
+    previous = {}
+    try:  # signal handlers can only be installed from the main thread
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, stop)
+    except ValueError:
+        previous = {}
+
+    def done() -> bool:
+        return opts.max_steps > 0 and step >= opts.max_steps
+
+    # Stopping is decided from values reduced over all ranks only, so every rank stops at the same step.
+    stopping = False
+    val_metrics, evaluated_at, saved_at = None, None, None
+    loader_kw = dict(num_workers=opts.workers, pin_memory=device.type == "cuda")
+    try:
+        while epoch < opts.epochs and not done() and not stopping:
+            batches = epoch_batches(len(train_set), epoch=epoch, **order)[batch_in_epoch:]
+            # The generator only seeds the workers; seeding it from (seed, epoch) keeps the global
+            # RNG untouched by loader creation, which exact resume relies on.
+            loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, **loader_kw,
+                                                 generator=torch.Generator().manual_seed(opts.seed * 1000 + epoch))
+            bar = tqdm(loader, total=batches_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch + 1}/{opts.epochs}",
+                       disable=not (opts.progress and main_process), dynamic_ncols=True, leave=False)
+            ddp_model.train()
+            window = {"loss": 0.0, "focal": 0.0, "dice": 0.0, "n": 0, "t": time.time()}
+            for batch in bar:
+                rows, image_index = group_images(batch["image_id"])
+                images = batch["image"][rows].to(device, non_blocking=True)  # (B_img, 3, S, S)
+                masks = batch["mask"].to(device)  # (B, S, S)
+                valid = data.valid_mask(batch["input_size"], size).to(device)  # (B, S, S)
+                with autocast(device, opts.precision):
+                    logits = ddp_model(images, batch["ids"].to(device), batch["word_mask"].to(device),
+                                       image_index=image_index.to(device))  # (B, 1, 4H, 4W)
+                losses = maris.segmentation_loss(logits.float(), masks, valid, cfg)
+                loss = losses["loss"]
+                # Every rank learns whether any rank saw a non-finite loss or a stop signal.
+                bad, sig = all_reduce_sum([float(not torch.isfinite(loss)), float(stop.signal is not None)], device)
+                if bad:
+                    where = (f"the last good checkpoint is {last_good['path']} (step {last_good['step']})"
+                             if last_good["path"] else "no checkpoint was written yet")
+                    raise SystemExit(f"error: non-finite loss ({loss.item()}) at step {step + 1} "
+                                     f"(epoch {epoch + 1}); stopping without saving; {where}")
+                stopping = sig > 0
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if opts.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(trainable, opts.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                batch_in_epoch += 1
+                for k in ("loss", "focal", "dice"):
+                    window[k] += float(losses[k].detach())
+                window["n"] += 1
+                if step % opts.log_every == 0 or batch_in_epoch == batches_per_epoch:
+                    loss_sum, focal_sum, dice_sum, n = all_reduce_sum(
+                        [window["loss"], window["focal"], window["dice"], window["n"]], device)
+                    seconds = time.time() - window["t"]
+                    speed = window["n"] * opts.batch_size * world / max(seconds, 1e-9)
+                    lr = scheduler.get_last_lr()[0]
+                    log({"kind": "train", "step": step, "epoch": epoch, "loss": loss_sum / n, "focal": focal_sum / n,
+                         "dice": dice_sum / n, "lr": lr, "items_per_s": speed})
+                    bar.set_postfix(loss=f"{loss_sum / n:.4f}", lr=f"{lr:.2e}", items_s=f"{speed:.1f}")
+                    window = {"loss": 0.0, "focal": 0.0, "dice": 0.0, "n": 0, "t": time.time()}
+                if opts.save_every > 0 and step % opts.save_every == 0:
+                    save_last()
+                    saved_at = step
+                if stopping or done():
+                    break
+            bar.close()
+            if not stopping:
+                stopping = all_reduce_sum([float(stop.signal is not None)], device)[0] > 0
+            if stopping:
+                break
+            if batch_in_epoch == batches_per_epoch:  # the epoch is complete
+                epoch, batch_in_epoch = epoch + 1, 0
+                if opts.eval_every > 0 and epoch % opts.eval_every == 0:
+                    val_metrics, evaluated_at = validate(), step
+                save_last()
+                saved_at = step
+        final_validation = not stopping and evaluated_at != step
+        if final_validation:
+            val_metrics, evaluated_at = validate(), step
+        if saved_at != step or final_validation:
+            save_last()  # after the final validation too, so last.pt holds the final best score
+        reason = (stop.signal or "a signal on another rank") if stopping else None
+        if main_process:
+            print(f"saved {out_dir / 'last.pt'} at step {step}" + (f" (stopped by {reason})" if reason else "")
+                  + (f"; best val oIoU {100 * best:.2f}" if best >= 0 else ""))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return {"step": step, "epoch": epoch, "best_oIoU": best, "val": val_metrics, "out_dir": str(out_dir),
+            "stopped_by": reason}
+
+
+class _Head(torch.utils.data.Dataset):
+    """The first `n` items of a dataset, keeping `original_mask` / `load_image` (for --val-limit)."""
+
+    def __init__(self, dataset, n: int):
+        self.dataset, self.n = dataset, min(n, len(dataset))
+        self.image_ids = dataset.image_ids[:self.n]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> dict:
+        return self.dataset[index]
+
+    def original_mask(self, index: int):
+        return self.dataset.original_mask(index)
+
+    def load_image(self, image_id: int):
+        return self.dataset.load_image(image_id)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Entry point: `python train.py [options]` (see --help)."""
+    opts, explicit = parse_options(argv)
+    try:
+        return train(opts, explicit)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
