@@ -4,6 +4,7 @@
     python evaluate.py --ckpt best.pt --dataset refcoco --split-by unc --split val,testA,testB
     python evaluate.py --ckpt best.pt --eval-size 480          # LAVT/MagNet-style square scoring
     python evaluate.py --ckpt best.pt --image photo.jpg --text "the dog on the left" --out overlay.png
+    python evaluate.py --ckpt best.pt --feature-cache cache/  # SAM's encoder runs once per image, ever
 
 The metrics are defined once, here; `train.py` imports them.
 
@@ -17,14 +18,18 @@ The metrics are defined once, here; `train.py` imports them.
   (bilinear) to the original (Ho, Wo), and a pixel is foreground when sigmoid > threshold (0.5).
   `--eval-size R` instead resizes that prediction and the ground truth to an R × R square, the way
   LAVT and MagNet score (their tables use R = 480).
+- Every sentence of a split is scored; the sentences of one image share a batch and the image is
+  encoded once per batch (data.collate_images), or read from the encoder feature cache.
 
 Shape letters: B pairs in a batch, S padded input side, (h2, w2) the resized image inside the
-padding, (Ho, Wo) the original image, R the square side of `--eval-size`, H = W = S/16 the feature side.
+padding, (Ho, Wo) the original image, R the square side of `--eval-size`, H = W = S/16 the feature side,
+B_img distinct images in a batch, C neck width, D SAM ViT width.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import pathlib
@@ -258,6 +263,150 @@ def model_from_checkpoint(ckpt: dict, *, sam_checkpoint: str | None = None,
     return model.eval()
 
 
+# --- Image inputs of a batch: distinct images, or frozen-encoder features from a cache (§7) ---
+# Batches come from data.collate_images: `images` holds each distinct image of the batch once and
+# `image_index` maps every sentence to its row, so SAM's encoder runs once per distinct image.
+# With a data.FeatureCache the encoder runs once per image for the whole run instead; the
+# helpers below build the cache's fingerprint, open it, and fill it. train.py imports them.
+
+# Encoder settings the cached features depend on (plus the encoder weights' hash and the images).
+ENCODER_FIELDS = ("sam_embed_dim", "sam_depth", "sam_num_heads", "sam_global_attn_indexes", "sam_window_size",
+                  "patch_size", "image_size", "fe_taps", "embed_dim")
+
+
+def image_source(dataset) -> str:
+    """Name of the pictures behind a dataset's image ids (one cache folder per source).
+
+    The RefCOCO family shares COCO train2014 (image id = COCO id), so refcoco, refcoco+ and
+    refcocog share one cache; a shapes split is its own seeded stream of scenes (ids restart at 0).
+    """
+    base = dataset
+    if not isinstance(base, (data.ShapesDataset, data.RefDataset)):
+        base = getattr(dataset, "dataset", dataset)  # train.py's _Head wraps a dataset
+    if isinstance(base, data.ShapesDataset):
+        return f"shapes-{base.split}-seed{base.seed}"
+    if isinstance(base, data.RefDataset):
+        return "mscoco-train2014"
+    raise ValueError(f"no image source known for {type(base).__name__}: the feature cache needs a data.py dataset")
+
+
+def state_dict_sha256(module: torch.nn.Module) -> str:
+    """sha256 over a module's state dict: each key, dtype, shape and tensor bytes, keys sorted.
+
+    Identifies the weights themselves, so a randomly initialised encoder (another --seed) and a
+    loaded checkpoint hash differently.
+    """
+    digest = hashlib.sha256()
+    for key, value in sorted(module.state_dict().items()):
+        t = value.detach().to("cpu").contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes (works for bf16 too)
+    return digest.hexdigest()
+
+
+def encoder_fingerprint(model: maris.MARIS, source: str, *, precision: str = "fp32") -> dict:
+    """Everything the frozen encoder's outputs depend on, for data.FeatureCache's meta.json.
+
+    Args:
+        model: MARIS (its config and image encoder weights).
+        source: `image_source(dataset)`.
+        precision: the autocast the features are computed under ("fp32" or "bf16").
+
+    Returns:
+        JSON-able dict: the ENCODER_FIELDS of the config, the encoder weights' sha256, source, precision.
+    """
+    cfg = maris.config_to_dict(model.cfg)
+    return {**{k: cfg[k] for k in ENCODER_FIELDS}, "encoder_sha256": state_dict_sha256(model.image_encoder),
+            "images": source, "precision": precision}
+
+
+def effective_precision(device: torch.device, precision: str) -> str:
+    """The precision `autocast(device, precision)` really uses: "bf16" or "fp32"."""
+    return "bf16" if precision == "bf16" or (precision == "auto" and device.type == "cuda") else "fp32"
+
+
+def open_feature_cache(model: maris.MARIS, dataset, root: str | os.PathLike, *, device: torch.device,
+                       precision: str = "auto", rebuild: bool = False) -> data.FeatureCache:
+    """The feature cache of `dataset`'s pictures under `root/<image source>/`.
+
+    Raises:
+        SystemExit: the model has RISAM adapters (its encoder features change as they train), or the
+            folder holds a cache built for another encoder, input size or image source (and not rebuild).
+    """
+    if model.cfg.adapters:
+        raise SystemExit("error: --feature-cache cannot be used with --adapters: RISAM's adapters train inside "
+                         "SAM's image encoder, so its features change every step and cannot be cached")
+    cfg = model.cfg
+    H = W = cfg.image_size // cfg.patch_size
+    source = image_source(dataset)
+    fingerprint = encoder_fingerprint(model, source, precision=effective_precision(device, precision))
+    try:
+        return data.FeatureCache(pathlib.Path(root) / source, fingerprint, neck_shape=(cfg.embed_dim, H, W),
+                                 tap_shape=(H, W, cfg.sam_embed_dim), num_taps=len(cfg.fe_taps), rebuild=rebuild)
+    except ValueError as e:
+        raise SystemExit(f"error: {e} (train.py: --rebuild-feature-cache)") from None
+
+
+@torch.no_grad()
+def encode_images(model: maris.MARIS, dataset, image_ids, *, device: torch.device, batch_size: int,
+                  precision: str = "auto") -> dict:
+    """Run the frozen image encoder on pictures loaded by id (the feature cache's `encode`).
+
+    Args:
+        model: MARIS.  dataset: has `load_image(image_id)`.  image_ids: the ids, in output order.
+        device: where the encoder runs.  batch_size: images per encoder pass.  precision: autocast.
+
+    Returns:
+        dict(neck=(B_img, C, H, W), taps=[(B_img, H, W, D)] * 3) on the CPU in fp16 (the cache's dtype).
+    """
+    size = model.cfg.image_size
+    necks, taps = [], []
+    ids = [int(i) for i in image_ids]
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start:start + batch_size]
+        pixels = torch.stack([data.transform_image(dataset.load_image(i), size)[0] for i in chunk])  # (b, 3, S, S)
+        with autocast(device, precision):
+            out = model.encode_image(pixels.to(device))
+        necks.append(out["neck"].to("cpu", torch.float16))  # (b, C, H, W)
+        taps.append([t.to("cpu", torch.float16) for t in out["taps"]])  # 3 x (b, H, W, D)
+    return {"neck": torch.cat(necks), "taps": [torch.cat(level) for level in zip(*taps)]}
+
+
+def batch_image_inputs(batch: dict, *, device: torch.device, model: maris.MARIS | None = None,
+                       cache: data.FeatureCache | None = None, dataset=None, batch_size: int = 8,
+                       precision: str = "auto", counter: dict | None = None) -> dict:
+    """The image keyword arguments of MARIS.forward for a `data.collate_images` batch.
+
+    Without a cache: images = the batch's distinct images (B_img, 3, S, S) on the device. With one:
+    image_features = the cached encoder outputs of `batch["image_ids"]`, encoding (and storing)
+    the missing ones first with `encode_images`.
+
+    Args:
+        batch: collate_images output.  device: the model's device.
+        model, cache, dataset: needed with a cache (the encoder and `load_image`).
+        batch_size, precision: of the encoder passes for missing entries.
+        counter: optional dict; counter["encoded"] grows by the images the encoder ran on.
+
+    Returns:
+        dict(images=..., image_features=..., image_index=(B,) long on the device), one of images /
+        image_features None.
+    """
+    index = batch["image_index"].to(device)  # (B,)
+    if cache is None:
+        images = batch["images"].to(device, non_blocking=True)  # (B_img, 3, S, S)
+        if counter is not None:
+            counter["encoded"] = counter.get("encoded", 0) + images.shape[0]
+        return dict(images=images, image_features=None, image_index=index)
+
+    def encode(missing: list[int]) -> dict:
+        if counter is not None:
+            counter["encoded"] = counter.get("encoded", 0) + len(missing)
+        return encode_images(model, dataset, missing, device=device, batch_size=batch_size, precision=precision)
+
+    features = cache.get(batch["image_ids"].tolist(), encode)  # neck (B_img, C, H, W), taps (B_img, H, W, D)
+    return dict(images=None, image_features=features, image_index=index)
+
+
 # --- From mask logits to a scored binary mask ---
 
 def logits_to_masks(logits: torch.Tensor, input_size: torch.Tensor, orig_size: torch.Tensor, *, size: int,
@@ -294,26 +443,6 @@ def gt_at_eval_size(gt: torch.Tensor, eval_size: int | None) -> torch.Tensor:
     if eval_size is None:
         return gt.bool()
     return F.interpolate(gt.float()[None, None], size=(eval_size, eval_size), mode="nearest")[0, 0] > 0.5
-
-
-def group_images(image_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows to encode once per distinct image, and the row each sentence uses (DESIGN.md §7).
-
-    Args:
-        image_ids: (B,) image id of each sentence in the batch.
-
-    Returns:
-        (rows (B_img,) index of the first sentence of each distinct image, image_index (B,) into rows).
-    """
-    ids = [int(i) for i in image_ids]
-    first: dict[int, int] = {}
-    index = []
-    for b, i in enumerate(ids):
-        if i not in first:
-            first[i] = len(first)
-        index.append(first[i])
-    rows = [ids.index(i) for i in first]  # dict keeps insertion order
-    return torch.tensor(rows, dtype=torch.long), torch.tensor(index, dtype=torch.long)
 
 
 # --- Overlay pictures ---
@@ -371,35 +500,57 @@ def draw_overlay(image: Image.Image, pred: np.ndarray, caption: str, *, gt: np.n
 
 # --- Evaluating a model on a dataset split ---
 
+def eval_batches(image_ids, batch_size: int, *, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """Evaluation batches: every item once, the sentences of an image side by side (DESIGN.md §7).
+
+    The items are ordered image by image (first-seen image order, item order inside an image) by
+    data.ImageGroupedBatchSampler without shuffling, cut into batches of `batch_size`, and rank r
+    of `world` takes batches r, r + world, ... (no padding, so no pair is scored twice).
+
+    Args:
+        image_ids: image id of every item (`dataset.image_ids`).
+        batch_size: sentences per batch.  rank, world: this process and the process count.
+
+    Returns:
+        This rank's batches of item indices.
+    """
+    sampler = data.ImageGroupedBatchSampler(image_ids, batch_size, sentences_per_image=None, shuffle=False)
+    return [list(b) for b in sampler][rank::world]
+
+
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, dataset, *, batch_size: int = 8, device: str | torch.device = "cpu",
                    eval_size: int | None = None, threshold: float = 0.5, precision: str = "auto",
                    workers: int = 0, vis: int = 0, vis_dir: str | os.PathLike | None = None,
-                   progress: bool = True, desc: str = "eval") -> dict:
+                   progress: bool = True, desc: str = "eval", cache: data.FeatureCache | None = None) -> dict:
     """Score every item (every sentence of every ref) of a dataset.
 
-    Under an initialised process group each rank scores every world_size-th item and the sums are
-    all-reduced, so every rank returns the metrics of the whole split.
+    Sentences of one image share a batch (`eval_batches`) and each distinct image of a batch is
+    encoded once (`data.collate_images`). Under an initialised process group each rank scores its
+    share of the batches and the sums are all-reduced, so every rank returns the metrics of the
+    whole split.
 
     Args:
         model: MARIS (not DDP-wrapped); its train/eval mode is restored afterwards.
-        dataset: a data.py dataset with `original_mask(index)` and `load_image(image_id)`.
+        dataset: a data.py dataset with `image_ids`, `original_mask(index)` and `load_image(image_id)`.
         batch_size: sentences per forward pass.  device: where the model runs.
         eval_size: None = original resolution, R = R × R square (LAVT/MagNet).
         threshold: sigmoid threshold.  precision: auto | bf16 | fp32.
         workers: DataLoader worker processes.
         vis: overlay PNGs written for the first `vis` items (rank 0 only) into `vis_dir`.
         progress: show a tqdm bar.  desc: the bar's label.
+        cache: optional `open_feature_cache(model, dataset, ...)`: the frozen encoder's outputs come
+            from it (the dataset may then be built with load_images=False).
 
     Returns:
         `RISMetrics.compute()` dict.
     """
     device = torch.device(device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-    shard = torch.utils.data.Subset(dataset, list(range(rank, len(dataset), world)))
+    batches = eval_batches(dataset.image_ids, batch_size, rank=rank, world=world)
     # A fixed generator: creating the loader must not draw from the global RNG (exact resume in train.py).
-    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                         generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                         collate_fn=data.collate_images, generator=torch.Generator().manual_seed(0))
     size = model.cfg.image_size  # S
     metrics = RISMetrics()
     was_training = model.training
@@ -410,11 +561,12 @@ def evaluate_model(model: torch.nn.Module, dataset, *, batch_size: int = 8, devi
         vis_dir.mkdir(parents=True, exist_ok=True)
     try:
         for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
-            rows, image_index = group_images(batch["image_id"])
-            images = batch["image"][rows].to(device)  # (B_img, 3, S, S): each image encoded once
+            inputs = batch_image_inputs(batch, device=device, model=model, cache=cache, dataset=dataset,
+                                        batch_size=batch_size, precision=precision)
+            extra = {} if cache is None else {"image_features": inputs["image_features"]}
             with autocast(device, precision):
-                logits = model(images, batch["ids"].to(device), batch["word_mask"].to(device),
-                               image_index=image_index.to(device))  # (B, 1, 4H, 4W)
+                logits = model(inputs["images"], batch["ids"].to(device), batch["word_mask"].to(device),
+                               image_index=inputs["image_index"], **extra)  # (B, 1, 4H, 4W)
             preds = logits_to_masks(logits, batch["input_size"], batch["orig_size"], size=size,
                                     eval_size=eval_size, threshold=threshold)
             for b, pred in enumerate(preds):
@@ -490,6 +642,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vis", type=int, default=0, help="write overlay PNGs of the first N pairs of each split")
     p.add_argument("--out-dir", default=None, help="where the JSON and overlays go (default: the checkpoint's folder)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument("--feature-cache", default=None, metavar="DIR",
+                   help="read SAM's frozen encoder outputs from this cache (written on first use; shared with "
+                        "train.py --feature-cache; not with adapters)")
     p.add_argument("--image", default=None, help="single-image mode: an image file")
     p.add_argument("--text", default=None, help="single-image mode: the referring expression")
     p.add_argument("--out", default=None, help="single-image mode: overlay PNG path (default: <image>_overlay.png)")
@@ -566,15 +721,18 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.time()
     for split in splits:
         try:
+            # With a feature cache the pixels are only read to fill missing cache entries.
             ds = data.build_dataset(dataset_name, split, root=data_root, split_by=split_by,
                                     image_size=cfg.image_size, context_length=cfg.context_length,
-                                    image_dir=image_dir)
+                                    image_dir=image_dir, load_images=args.feature_cache is None)
         except (FileNotFoundError, ValueError, KeyError) as e:
             raise SystemExit(f"error: {e}") from None
+        cache = None if args.feature_cache is None else open_feature_cache(
+            model, ds, args.feature_cache, device=device, precision=args.precision)
         results[split] = evaluate_model(
             model, ds, batch_size=args.batch_size, device=device, eval_size=args.eval_size,
             threshold=args.threshold, precision=args.precision, workers=args.workers,
-            vis=args.vis, vis_dir=out_dir / "vis" / split, progress=not args.no_progress, desc=split)
+            vis=args.vis, vis_dir=out_dir / "vis" / split, progress=not args.no_progress, desc=split, cache=cache)
     title = f"{dataset_name}" + (f" ({split_by})" if split_by and dataset_name != "shapes" else "")
     print(f"{title}  checkpoint {args.ckpt}  step {ckpt.get('step', '?')}")
     print(format_table(results))

@@ -4,6 +4,9 @@
     python train.py --dataset refcoco --sam-checkpoint sam_vit_b_01ec64.pth --clip-checkpoint ViT-B-16.pt
     torchrun --nproc_per_node 4 train.py --dataset refcoco ...        # DDP (NCCL on GPU, gloo on CPU)
     python train.py --resume auto                     # continue <out-dir>/last.pt exactly
+    python train.py --mask-grounding-weight 0.1 --alignment-weight 0.1   # + MagNet's losses (CVPR 2024)
+    python train.py --adapters                        # + RISAM's adapters: SAM's encoder fine-tuned cheaply
+    python train.py --feature-cache cache/            # SAM's frozen encoder runs once per image, ever
 
 Every option is a field of `TrainOptions`; `python train.py --help` lists them with their defaults.
 Options left at "auto" get a dataset-dependent value (`resolve_options`): the shapes demo trains the
@@ -13,7 +16,15 @@ uses the MARIS recipe (vit_b, lr 1e-4, 50 epochs); both use batch 8 per process.
 Exact resume: the order of the training items is a pure function of (seed, epoch) (a
 DistributedSampler permutation), so a checkpoint stores the epoch and the number of batches already
 done in it; resuming skips those batches and restores the optimizer, scheduler and every RNG state.
-On a CPU, N steps + resume + N steps give the same weights, bit for bit, as 2N straight steps.
+On a CPU, N steps + resume + N steps give the same weights, bit for bit, as 2N straight steps
+(MagNet's random word masking draws from a generator of its own, stored in the checkpoint too).
+
+Speed (DESIGN.md §7): every batch is collated by `data.collate_images`, so SAM's frozen encoder
+runs once per distinct image of a batch (`--sentences-per-image K` puts K sentences of an image in
+one batch); `--feature-cache DIR` stores its outputs per image on disk and reads them back in
+later epochs (not with `--adapters`, which change them); `--compile` compiles the trained modules.
+MagNet's heads are training-only: checkpoints keep them under "heads", beside the model's
+trainable weights, and evaluate.py ignores them.
 """
 import argparse
 import dataclasses
@@ -35,7 +46,8 @@ from tqdm import tqdm
 
 import data
 import maris
-from evaluate import autocast, build_model, evaluate_model, group_images, resolve_device
+from evaluate import (autocast, batch_image_inputs, build_model, evaluate_model, open_feature_cache,
+                      resolve_device)
 
 
 # --- Options ---
@@ -58,6 +70,8 @@ class TrainOptions:
     train_split: str = _opt("train", "split to train on")
     val_split: str = _opt("val", "split scored after each evaluation interval ('' = none)")
     val_limit: int = _opt(0, "score only the first N validation items (0 = the whole split)")
+    train_limit: int = _opt(0, "train on the first N training items only (0 = the whole split; quick checks, "
+                               "benchmarks)")
     # model
     preset: str | None = _opt(None, "model preset: tiny | vit_b | vit_l | vit_h", "tiny for shapes, else vit_b")
     sam_checkpoint: str | None = _opt(None, "official SAM weights (sam_vit_b_01ec64.pth, ...); none = random encoder")
@@ -68,6 +82,19 @@ class TrainOptions:
     loss_dice_weight: float | None = _opt(None, "dice loss weight", "the preset's (1)")
     model_set: list | None = _opt(None, "extra MarisConfig overrides, repeatable: --model-set maa_depth=3", "none",
                            multiple=True)
+    # MagNet's training-only losses (Chng et al., "Mask Grounding for Referring Image Segmentation",
+    # CVPR 2024) and RISAM's adapters (the later version of the MARIS paper); all off = exactly MARIS.
+    mask_grounding_weight: float = _opt(0.0, "weight of MagNet's Mask Grounding loss (Chng et al., CVPR 2024): "
+                                             "predict masked words from the visual features (0 = off)")
+    mask_ratio: float = _opt(0.15, "MagNet Mask Grounding: share of the real word tokens masked")
+    mask_grounding_use_mask: bool = _opt(True, "MagNet Mask Grounding: give the head the features pooled inside "
+                                               "the ground-truth mask (--no-... = the ablation without it)")
+    alignment_weight: float = _opt(0.0, "weight of MagNet's cross-modal alignment loss (Chng et al., CVPR 2024): "
+                                        "pixel-to-text contrast, GT pixels positive (0 = off)")
+    alignment_temperature: float = _opt(0.07, "MagNet alignment loss: temperature of the cosine similarities")
+    adapters: bool = _opt(False, "RISAM's bottleneck adapters in every SAM ViT block (the later MARIS paper's "
+                                 "parameter-efficient fine-tuning); only the adapters of the encoder train")
+    adapter_ratio: float = _opt(0.25, "RISAM adapters: bottleneck width as a share of the SAM width D")
     # optimisation
     epochs: int | None = _opt(None, "training epochs", "4 for shapes, else 50")
     batch_size: int = _opt(8, "sentences per step per process")
@@ -81,6 +108,14 @@ class TrainOptions:
                                        "once (1 = ordinary shuffled batches)")
     max_steps: int = _opt(0, "stop after this many optimizer steps (0 = run all epochs); the schedule keeps "
                              "its full length")
+    # speed (DESIGN.md §7)
+    feature_cache: str | None = _opt(None, "cache folder of SAM's frozen encoder outputs (fp16, one file per "
+                                           "image): the encoder runs once per image for the whole run, not once "
+                                           "per epoch; refused with --adapters", "off")
+    rebuild_feature_cache: bool = _opt(False, "empty a --feature-cache built for another encoder or input size "
+                                              "instead of stopping")
+    compile: bool = _opt(False, "torch.compile the trained modules (Feature Enhancement, Mutual-Aware Attention, "
+                                "decoder) in place; helps on a GPU, the first steps are slow while it compiles")
     # run
     out_dir: str | None = _opt(None, "where last.pt, best.pt and metrics.jsonl go", "runs/<dataset>")
     resume: str | None = _opt(None, "checkpoint to continue from, or 'auto' = <out-dir>/last.pt when it exists")
@@ -158,6 +193,11 @@ def parse_options(argv: list[str] | None) -> tuple[TrainOptions, dict]:
     return TrainOptions(**explicit), explicit
 
 
+# TrainOptions that set the MarisConfig field of the same name (stored in the checkpoint's config).
+MAGNET_RISAM_FIELDS = ("mask_grounding_weight", "mask_ratio", "mask_grounding_use_mask", "alignment_weight",
+                       "alignment_temperature", "adapters", "adapter_ratio")
+
+
 def model_config(opts: TrainOptions) -> dict:
     """The MarisConfig dict for resolved options (preset + explicit overrides).
 
@@ -175,6 +215,8 @@ def model_config(opts: TrainOptions) -> dict:
         overrides["loss_focal_weight"] = opts.loss_focal_weight
     if opts.loss_dice_weight is not None:
         overrides["loss_dice_weight"] = opts.loss_dice_weight
+    for name in MAGNET_RISAM_FIELDS:  # the switches of issue 5 are MarisConfig fields of the same name
+        overrides[name] = getattr(opts, name)
     for item in opts.model_set:
         key, sep, raw = item.partition("=")
         if not sep or key not in known:
@@ -215,12 +257,20 @@ class LRSchedule:
         return 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def build_optimizer(model: torch.nn.Module, opts: TrainOptions) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters only; no weight decay on biases and norm weights (1-D)."""
+def build_optimizer(model: torch.nn.Module, opts: TrainOptions,
+                    heads: torch.nn.Module | None = None) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters only; no weight decay on biases and norm weights (1-D).
+
+    Args:
+        model: MARIS (its requires_grad parameters: the new modules, and the adapters when on).
+        opts: lr and weight decay.
+        heads: MagNet's training-only heads (maris.build_heads), trained beside the model.
+    """
     decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
+    for module in (model, heads):
+        for p in (module.parameters() if module is not None else ()):
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)
     if not decay and not no_decay:
         raise SystemExit("error: the model has no trainable parameters")
     groups = [{"params": decay, "weight_decay": opts.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -256,17 +306,22 @@ def epoch_batches(num_items: int, *, batch_size: int, seed: int, epoch: int, ran
 
 # --- Checkpoints: atomic, self-describing ---
 
-def rng_state() -> dict:
-    """Every RNG this process uses, in plain tensors and Python values (weights_only-loadable)."""
+def rng_state(generator: torch.Generator | None = None) -> dict:
+    """Every RNG this process uses, in plain tensors and Python values (weights_only-loadable).
+
+    `generator` is the seeded generator of Mask Grounding's word choice (`mask_word_generator`).
+    """
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": random.getstate(), "numpy": (name, keys.tolist(), int(pos), int(has_gauss), float(cached)),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        state["mask_words"] = generator.get_state()
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None:
     """Inverse of `rng_state`."""
     random.setstate(state["python"])
     name, keys, pos, has_gauss, cached = state["numpy"]
@@ -274,6 +329,17 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None and "mask_words" in state:
+        generator.set_state(state["mask_words"])
+
+
+def mask_word_generator(seed: int, rank: int) -> torch.Generator:
+    """The CPU generator of Mask Grounding's random word choice, seeded from (seed, rank).
+
+    A generator of its own (not the global RNG) whose state the checkpoint stores, so a resumed
+    run masks the same words as an uninterrupted one; ranks mask independently.
+    """
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, rank, 5]).generate_state(1)[0]))
 
 
 def atomic_save(obj: dict, path: pathlib.Path) -> None:
@@ -326,7 +392,31 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    """Average the gradients of parameters that live outside the DDP wrapper over all ranks.
+
+    MagNet's heads are called by `maris.training_loss` beside the model, not through its DDP
+    wrapper, so DDP does not synchronise them. One all-reduce carries every gradient and a
+    has-gradient flag per parameter; a parameter no rank gave a gradient keeps `grad = None`
+    (as in one process), the others get the mean over the ranks (what DDP does for the model).
+    """
+    if world <= 1 or not params:
+        return
+    device = params[0].device
+    flags = torch.tensor([float(p.grad is not None) for p in params], device=device)  # (P,)
+    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
+    flat = torch.cat([*grads, flags])  # (sum of numel + P,)
+    dist.all_reduce(flat)
+    values, flags = flat[:-len(params)], flat[-len(params):]
+    for p, g, flag in zip(params, values.split([p.numel() for p in params]), flags.tolist()):
+        if flag > 0:
+            p.grad = (g / world).reshape(p.shape).to(p.dtype)
+
+
 # --- Training ---
+
+# Loss terms averaged into metrics.jsonl; MagNet's two only when their weight is > 0.
+LOSS_KEYS = ("loss", "focal", "dice", "mask_grounding", "alignment")
 
 class _Stop:
     """Set by the SIGINT/SIGTERM handler; checked after every step."""
@@ -373,16 +463,20 @@ def train(opts: TrainOptions, explicit: dict) -> dict:
     try:
         config = model_config(opts) if ckpt is None else ckpt["config"]
         if ckpt is not None and explicit.keys() & {"preset", "image_size", "context_length", "model_set",
-                                                   "loss_focal_weight", "loss_dice_weight"}:
+                                                   "loss_focal_weight", "loss_dice_weight", *MAGNET_RISAM_FIELDS}:
             if model_config(opts) != config and main_process:
                 print("note: model options given with --resume are ignored; the checkpoint's config is used")
         size = config["image_size"]
+        # With the feature cache the pixels are only read (by load_image) to fill missing entries.
         kw = dict(root=opts.data_root, split_by=opts.split_by, image_size=size,
-                  context_length=config["context_length"], image_dir=opts.image_dir)
+                  context_length=config["context_length"], image_dir=opts.image_dir,
+                  load_images=opts.feature_cache is None)
         train_set = data.build_dataset(opts.dataset, opts.train_split, **kw)
         val_set = data.build_dataset(opts.dataset, opts.val_split, **kw) if opts.val_split else None
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
+    if opts.train_limit > 0:
+        train_set = _Head(train_set, opts.train_limit)
     if val_set is not None and opts.val_limit > 0:
         val_set = _Head(val_set, opts.val_limit)
 
@@ -394,7 +488,30 @@ def train(opts: TrainOptions, explicit: dict) -> dict:
 
     model = build_model(config, sam_checkpoint=opts.sam_checkpoint, clip_checkpoint=opts.clip_checkpoint).to(device)
     cfg = maris.config_from_dict(config)
-    optimizer = build_optimizer(model, opts)
+    try:  # MagNet's training-only heads (empty when both weights are 0); they never enter model checkpoints
+        # Seeded like the model build, so every rank starts from the same heads (DDP does not wrap them).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.init_seed)
+            heads = maris.build_heads(cfg, model)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    mask_words = mask_word_generator(opts.seed, rank)
+    optimizer = build_optimizer(model, opts, heads)
+
+    # Encoder feature cache (DESIGN.md §7): rank 0 opens (and, when asked, empties) it first, then
+    # the others; two ranks writing one image is harmless (each entry is renamed into place).
+    train_cache = val_cache = None
+    if opts.feature_cache is not None:
+        def open_caches(rebuild: bool):
+            kw = dict(device=device, precision=opts.precision, rebuild=rebuild)
+            return (open_feature_cache(model, train_set, opts.feature_cache, **kw),
+                    open_feature_cache(model, val_set, opts.feature_cache, **kw) if val_set is not None else None)
+        if main_process:
+            train_cache, val_cache = open_caches(opts.rebuild_feature_cache)
+        if world > 1:
+            dist.barrier()
+        if not main_process:
+            train_cache, val_cache = open_caches(False)
     order = dict(batch_size=opts.batch_size, seed=opts.seed, rank=rank, world=world,
                  image_ids=list(train_set.image_ids), sentences_per_image=opts.sentences_per_image)
     batches_per_epoch = len(epoch_batches(len(train_set), epoch=0, **order))
@@ -407,6 +524,11 @@ def train(opts: TrainOptions, explicit: dict) -> dict:
     step, epoch, batch_in_epoch, best = 0, 0, 0, -1.0
     if ckpt is not None:
         model.load_trainable_state_dict(ckpt["model"])
+        try:
+            heads.load_state_dict(ckpt.get("heads", {}))
+        except RuntimeError as e:
+            raise SystemExit(f"error: --resume {resume}: the MagNet heads in the checkpoint do not match its "
+                             f"config: {str(e).splitlines()[0]}") from None
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         # The schedule follows this run's options, so --epochs / --lr given with --resume take effect
@@ -422,9 +544,13 @@ def train(opts: TrainOptions, explicit: dict) -> dict:
             print(f"note: checkpoint written with {ckpt['sampler']['world_size']} process(es), resuming with "
                   f"{world}: the data order after resume differs from an uninterrupted run")
         rngs = ckpt["rng"]
-        set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+        set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0], mask_words)
         if main_process:
             print(f"resumed from {resume}: step {step}, epoch {epoch}, batch {batch_in_epoch}")
+    if opts.compile:
+        # In place (nn.Module.compile), so parameter names and state-dict keys stay the same.
+        for module in (model.feature_enhancement, *model.maa_blocks, model.mask_decoder):
+            module.compile()
     ddp_model = model
     if world > 1:
         # broadcast_buffers off: the frozen encoders' buffers are identical on every rank already.
@@ -432,7 +558,8 @@ def train(opts: TrainOptions, explicit: dict) -> dict:
             model, device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=False, find_unused_parameters=True)
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    head_params = [p for p in heads.parameters() if p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad] + head_params
     n_train = sum(p.numel() for p in trainable)
     n_all = sum(p.numel() for p in model.parameters())
     if main_process:
@@ -441,7 +568,13 @@ def train(opts: TrainOptions, explicit: dict) -> dict:
               f"{batches_per_epoch} steps/epoch x {opts.epochs} epochs, batch {opts.batch_size} x {world}, "
               f"{n_train:,} trainable of {n_all:,} parameters, {device}, out {out_dir}")
         print(f"encoders: SAM {opts.sam_checkpoint or 'RANDOM (no --sam-checkpoint)'}, "
-              f"CLIP {opts.clip_checkpoint or 'RANDOM (no --clip-checkpoint)'}")
+              f"CLIP {opts.clip_checkpoint or 'RANDOM (no --clip-checkpoint)'}"
+              + (f"; feature cache {train_cache.root} ({train_cache.bytes_per_image:,} bytes/image)"
+                 if train_cache is not None else ""))
+        extras = [f"{name} {getattr(cfg, name + '_weight')}" for name in ("mask_grounding", "alignment")
+                  if getattr(cfg, name + "_weight") > 0] + (["RISAM adapters"] if cfg.adapters else [])
+        if extras:
+            print("add-ons: " + ", ".join(extras))
     log_path = out_dir / "metrics.jsonl"
 
     start = time.time()
@@ -455,14 +588,14 @@ def train(opts: TrainOptions, explicit: dict) -> dict:
         """Write a checkpoint (every rank calls it: the RNG states are gathered to rank 0)."""
         states = [None] * world
         if world > 1:
-            dist.all_gather_object(states, rng_state())
+            dist.all_gather_object(states, rng_state(mask_words))
         else:
-            states = [rng_state()]
+            states = [rng_state(mask_words)]
         if not main_process:
             return
         atomic_save({
             "config": config, "options": dataclasses.asdict(opts),
-            "model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
+            "model": model.trainable_state_dict(), "heads": heads.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "best_oIoU": best,
             "sampler": {"seed": opts.seed, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                         "world_size": world, "batch_size": opts.batch_size},
@@ -481,7 +614,7 @@ def train(opts: TrainOptions, explicit: dict) -> dict:
         if val_set is None:
             return None
         metrics = evaluate_model(model, val_set, batch_size=opts.batch_size, device=device,
-                                 precision=opts.precision, workers=opts.workers,
+                                 precision=opts.precision, workers=opts.workers, cache=val_cache,
                                  progress=opts.progress and main_process, desc=f"val {opts.val_split}")
         log({"kind": "eval", "step": step, "epoch": epoch, "split": opts.val_split, **metrics})
         improved = metrics["oIoU"] > best
@@ -514,21 +647,27 @@ def train(opts: TrainOptions, explicit: dict) -> dict:
             batches = epoch_batches(len(train_set), epoch=epoch, **order)[batch_in_epoch:]
             # The generator only seeds the workers; seeding it from (seed, epoch) keeps the global
             # RNG untouched by loader creation, which exact resume relies on.
-            loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, **loader_kw,
+            # collate_images keeps each distinct image of a batch once: the encoder runs once per image.
+            loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, collate_fn=data.collate_images,
+                                                 **loader_kw,
                                                  generator=torch.Generator().manual_seed(opts.seed * 1000 + epoch))
             bar = tqdm(loader, total=batches_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch + 1}/{opts.epochs}",
                        disable=not (opts.progress and main_process), dynamic_ncols=True, leave=False)
             ddp_model.train()
-            window = {"loss": 0.0, "focal": 0.0, "dice": 0.0, "n": 0, "t": time.time()}
+            heads.train()
+            window = dict.fromkeys(LOSS_KEYS, 0.0) | {"n": 0, "t": time.time()}
+            epoch_start, encoded = time.time(), {"encoded": 0}
             for batch in bar:
-                rows, image_index = group_images(batch["image_id"])
-                images = batch["image"][rows].to(device, non_blocking=True)  # (B_img, 3, S, S)
+                # images (B_img, 3, S, S) of the distinct images, or their cached encoder outputs
+                inputs = batch_image_inputs(batch, device=device, model=model, cache=train_cache, dataset=train_set,
+                                            batch_size=opts.batch_size, precision=opts.precision, counter=encoded)
                 masks = batch["mask"].to(device)  # (B, S, S)
                 valid = data.valid_mask(batch["input_size"], size).to(device)  # (B, S, S)
                 with autocast(device, opts.precision):
-                    logits = ddp_model(images, batch["ids"].to(device), batch["word_mask"].to(device),
-                                       image_index=image_index.to(device))  # (B, 1, 4H, 4W)
-                losses = maris.segmentation_loss(logits.float(), masks, valid, cfg)
+                    # focal + dice (+ MagNet's losses when their weights are > 0); the losses run in fp32
+                    losses = maris.training_loss(ddp_model, heads, ids=batch["ids"].to(device),
+                                                 word_mask=batch["word_mask"].to(device), masks=masks, valid=valid,
+                                                 generator=mask_words, **inputs)
                 loss = losses["loss"]
                 # Every rank learns whether any rank saw a non-finite loss or a stop signal.
                 bad, sig = all_reduce_sum([float(not torch.isfinite(loss)), float(stop.signal is not None)], device)
@@ -540,25 +679,26 @@ def train(opts: TrainOptions, explicit: dict) -> dict:
                 stopping = sig > 0
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                average_gradients(head_params, world)  # DDP averaged the model's gradients already
                 if opts.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(trainable, opts.grad_clip)
                 optimizer.step()
                 scheduler.step()
                 step += 1
                 batch_in_epoch += 1
-                for k in ("loss", "focal", "dice"):
+                for k in LOSS_KEYS:
                     window[k] += float(losses[k].detach())
                 window["n"] += 1
                 if step % opts.log_every == 0 or batch_in_epoch == batches_per_epoch:
-                    loss_sum, focal_sum, dice_sum, n = all_reduce_sum(
-                        [window["loss"], window["focal"], window["dice"], window["n"]], device)
+                    *sums, n = all_reduce_sum([window[k] for k in LOSS_KEYS] + [window["n"]], device)
+                    means = {k: v / n for k, v in zip(LOSS_KEYS, sums)
+                             if k in ("loss", "focal", "dice") or getattr(cfg, k + "_weight") > 0}
                     seconds = time.time() - window["t"]
                     speed = window["n"] * opts.batch_size * world / max(seconds, 1e-9)
                     lr = scheduler.get_last_lr()[0]
-                    log({"kind": "train", "step": step, "epoch": epoch, "loss": loss_sum / n, "focal": focal_sum / n,
-                         "dice": dice_sum / n, "lr": lr, "items_per_s": speed})
-                    bar.set_postfix(loss=f"{loss_sum / n:.4f}", lr=f"{lr:.2e}", items_s=f"{speed:.1f}")
-                    window = {"loss": 0.0, "focal": 0.0, "dice": 0.0, "n": 0, "t": time.time()}
+                    log({"kind": "train", "step": step, "epoch": epoch, **means, "lr": lr, "items_per_s": speed})
+                    bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}", items_s=f"{speed:.1f}")
+                    window = dict.fromkeys(LOSS_KEYS, 0.0) | {"n": 0, "t": time.time()}
                 if opts.save_every > 0 and step % opts.save_every == 0:
                     save_last()
                     saved_at = step
@@ -570,6 +710,11 @@ def train(opts: TrainOptions, explicit: dict) -> dict:
             if stopping:
                 break
             if batch_in_epoch == batches_per_epoch:  # the epoch is complete
+                # Wall time of this process's share of the epoch (before validation), and the images the
+                # frozen encoder ran on, summed over ranks (0 once a feature cache holds every image).
+                log({"kind": "epoch", "step": step, "epoch": epoch,
+                     "epoch_seconds": round(time.time() - epoch_start, 3),
+                     "encoded_images": int(all_reduce_sum([encoded["encoded"]], device)[0])})
                 epoch, batch_in_epoch = epoch + 1, 0
                 if opts.eval_every > 0 and epoch % opts.eval_every == 0:
                     val_metrics, evaluated_at = validate(), step

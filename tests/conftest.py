@@ -3,10 +3,15 @@ import os
 import pathlib
 
 import pytest
+import torch
 from hypothesis import settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
+
+# The suite's tensors are tiny: a second torch thread costs more than it saves, and on a shared
+# 2-core machine two threads per process oversubscribe the cores (measured up to 40x slower).
+torch.set_num_threads(1)
 
 # Small example counts and no deadline: the suite runs on 2 shared CPU cores.
 settings.register_profile("ci", max_examples=15, deadline=None, derandomize=True)

@@ -174,12 +174,17 @@ def test_eval_size_scores_on_a_square():
     assert evaluate.gt_at_eval_size(torch.ones(50, 31, dtype=torch.bool), 24).shape == (24, 24)
 
 
-def test_group_images_encodes_each_image_once():
-    """group_images picks one row per distinct image and maps every sentence back to it."""
-    ids = torch.tensor([7, 7, 3, 7, 9, 3])
-    rows, index = evaluate.group_images(ids)
-    assert ids[rows].tolist() == [7, 3, 9]
-    assert torch.equal(ids[rows][index], ids)
+@given(st.lists(st.integers(0, 6), min_size=1, max_size=30), st.integers(1, 5), st.integers(1, 3))
+def test_eval_batches_cover_every_item_once_grouped_by_image(image_ids, batch, world):
+    """Evaluation batches over all ranks hold every item exactly once, full except the last, and
+    the items of one image are consecutive even when the dataset interleaves images."""
+    per_rank = [evaluate.eval_batches(image_ids, batch, rank=r, world=world) for r in range(world)]
+    ordered = [b for k in range(max(map(len, per_rank))) for r in per_rank for b in r[k:k + 1]]
+    flat = [i for b in ordered for i in b]
+    assert sorted(flat) == list(range(len(image_ids)))
+    assert all(len(b) == batch for b in ordered[:-1])
+    runs = [image_ids[i] for k, i in enumerate(flat) if k == 0 or image_ids[flat[k - 1]] != image_ids[i]]
+    assert len(runs) == len(set(image_ids))  # one run of consecutive items per image
 
 
 class _GTDataset(torch.utils.data.Dataset):
@@ -195,6 +200,7 @@ class _GTDataset(torch.utils.data.Dataset):
             y, x = int(rng.integers(0, hw[0] - 3)), int(rng.integers(0, hw[1] - 3))
             gt[y:y + 3, x:x + 3] = True
             self.items.append((hw, gt, i // 2))
+        self.image_ids = list(range(n))  # every item its own picture (the picture carries its GT)
         self.data = data
 
     def __len__(self):
@@ -230,6 +236,43 @@ def test_evaluate_model_scores_a_perfect_model_one():
     out = evaluate.evaluate_model(_OracleModel(ds.size), ds, batch_size=3, progress=False)
     assert out["count"] == len(ds)
     assert out["oIoU"] == 1.0 and out["mIoU"] == 1.0 and out["Prec@0.9"] == 1.0
+
+
+class _SharedImages(_GTDataset):
+    """_GTDataset with 3 pictures whose sentences are interleaved in item order (0, 1, 2, 0, 1, ...);
+    a picture is filled with its image id and each sentence's ids name its picture."""
+
+    def __init__(self):
+        super().__init__(n=9)
+        self.image_ids = [i % 3 for i in range(9)]
+
+    def __getitem__(self, index):
+        item = super().__getitem__(index)
+        image_id = self.image_ids[index]
+        return {**item, "image": torch.full_like(item["image"], float(image_id)), "image_id": image_id,
+                "ids": torch.full((4,), image_id, dtype=torch.long)}
+
+
+class _CountingModel(_OracleModel):
+    """Records the image id of every encoded picture and checks each sentence reads its own picture."""
+
+    def __init__(self, size):
+        super().__init__(size)
+        self.rows = []
+
+    def forward(self, images, ids, word_mask, *, image_index=None):
+        self.rows += images[:, 0, 0, 0].long().tolist()  # (B_img,) one entry per encoded picture
+        assert torch.equal(images[image_index, 0, 0, 0].long(), ids[:, 0])
+        return super().forward(images, ids, word_mask, image_index=image_index)
+
+
+def test_evaluate_model_encodes_each_image_once_per_split():
+    """Sentences of one image share a batch and the image is encoded once, however the dataset orders them."""
+    ds = _SharedImages()
+    model = _CountingModel(ds.size)
+    out = evaluate.evaluate_model(model, ds, batch_size=3, progress=False)
+    assert out["count"] == len(ds)
+    assert sorted(model.rows) == [0, 1, 2]
 
 
 # --- overlays and the command line ---
@@ -279,3 +322,19 @@ def test_single_image_mode_writes_overlay_and_mask(tiny_checkpoint, tmp_path):
     assert mask.size == (70, 45) and mask.mode == "L"
     assert set(np.unique(np.asarray(mask))) <= {0, 255}
     assert Image.open(out).size[0] == 70
+
+
+def test_evaluate_cli_feature_cache(tiny_checkpoint, tmp_path):
+    """evaluate.py --feature-cache fills the cache once per image, and scores like the pixel path
+    (fp16 features: equal pair count, oIoU within rounding)."""
+    common = ["--ckpt", str(tiny_checkpoint), "--split", "val", "--batch-size", "16", "--no-progress",
+              "--out-dir", str(tmp_path)]
+    plain = evaluate.main(common)["val"]
+    cached = evaluate.main([*common, "--feature-cache", str(tmp_path / "cache")])["val"]
+    again = evaluate.main([*common, "--feature-cache", str(tmp_path / "cache")])["val"]
+    import data
+    images = set(data.ShapesDataset("val", image_size=64).image_ids)
+    assert len(list((tmp_path / "cache" / "shapes-val-seed0").glob("*.npy"))) == len(images)
+    assert plain["count"] == cached["count"] == again["count"]
+    assert cached == again
+    assert cached["oIoU"] == pytest.approx(plain["oIoU"], abs=0.02)

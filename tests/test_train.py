@@ -1,4 +1,5 @@
-"""Tests for train.py: options, schedule, data order, checkpoints, exact resume, DDP, end to end."""
+"""Tests for train.py: options, schedule, data order, checkpoints, exact resume, DDP, MagNet/RISAM
+switches, image-grouped batches, the encoder feature cache, end to end."""
 import json
 import os
 import pathlib
@@ -14,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
+import data
 import evaluate
 import maris
 import train
@@ -21,6 +23,8 @@ from conftest import ROOT, shared_path
 
 # Tiny runs: the tiny preset at S = 64 (4 x 4 visual tokens), no progress bars.
 TINY = ["--preset", "tiny", "--image-size", "64", "--no-progress", "--log-every", "1", "--workers", "0"]
+# Every add-on of issue 5: MagNet's Mask Grounding and alignment losses, RISAM's adapters.
+ADDONS = ["--mask-grounding-weight", "0.1", "--alignment-weight", "0.1", "--adapters"]
 
 
 # --- a self-written refer-layout fixture (DESIGN.md §5) ---
@@ -82,6 +86,16 @@ def refer_args(root, out, *extra):
 
 def weights(path):
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def log_records(out, kind):
+    return [x for x in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if x["kind"] == kind]
+
+
+def shapes_args(out, *extra):
+    """A short shapes run: 16 training items, batch 4 (4 steps per epoch), no validation."""
+    return ["--out-dir", str(out), "--batch-size", "4", "--train-limit", "16", "--val-split", "", "--lr", "1e-3",
+            "--warmup-steps", "1", *TINY, *extra]
 
 
 # --- options ---
@@ -191,22 +205,38 @@ def test_checkpoint_is_self_describing(refer_root, tmp_path):
     assert {x["kind"] for x in lines} == {"train", "eval"}
 
 
-def test_optimizer_holds_only_trainable_parameters(refer_root):
-    """The optimizer's parameters are exactly the model's requires_grad parameters."""
-    opts = train.resolve_options(train.TrainOptions(dataset="refcoco", preset="tiny", image_size=64))
-    model = evaluate.build_model(train.model_config(opts))
-    opt = train.build_optimizer(model, opts)
+@pytest.mark.parametrize("addons", [False, True])
+def test_optimizer_holds_only_trainable_parameters(addons):
+    """The optimizer holds exactly the model's requires_grad parameters plus MagNet's heads; with
+    --adapters the only SAM encoder parameters in it are the adapters."""
+    opts = train.resolve_options(train.TrainOptions(dataset="refcoco", preset="tiny", image_size=64,
+                                                    mask_grounding_weight=0.1 * addons,
+                                                    alignment_weight=0.1 * addons, adapters=addons))
+    cfg = train.model_config(opts)
+    assert (cfg["adapters"], cfg["mask_grounding_weight"], cfg["alignment_weight"]) == (addons, 0.1 * addons,
+                                                                                      0.1 * addons)
+    model = evaluate.build_model(cfg)
+    heads = maris.build_heads(maris.config_from_dict(cfg), model)
+    opt = train.build_optimizer(model, opts, heads)
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
-    assert in_opt == {id(p) for p in model.parameters() if p.requires_grad}
+    assert in_opt == {id(p) for p in [*model.parameters(), *heads.parameters()] if p.requires_grad}
+    assert bool(list(heads.parameters())) == addons
+    named = {id(p): n for n, p in model.named_parameters()}
+    assert not any(named.get(i, "").startswith(("image_encoder.", "text_encoder.")) for i in in_opt)
+    assert any(named.get(i, "").startswith("image_adapters.") for i in in_opt) == addons
+    no_decay = {id(p) for p in opt.param_groups[1]["params"]}
+    assert all((p.ndim <= 1) == (id(p) in no_decay) for g in opt.param_groups for p in g["params"])
     assert not model.image_encoder.training and not model.text_encoder.training
 
 
-def test_resume_is_bit_identical(refer_root, tmp_path):
-    """N steps + resume + N steps equal 2N straight steps bit for bit (across an epoch boundary)."""
+@pytest.mark.parametrize("addons", [[], ADDONS], ids=["maris", "magnet+adapters"])
+def test_resume_is_bit_identical(refer_root, tmp_path, addons):
+    """N steps + resume + N steps equal 2N straight steps bit for bit (across an epoch boundary),
+    also with MagNet's randomly masked words, its heads and RISAM's adapters training."""
     straight, split = tmp_path / "straight", tmp_path / "split"
     # 12 train items / batch 2 = 6 steps per epoch; 4 + 4 crosses the boundary at step 6.
-    train.main(refer_args(refer_root, straight, "--max-steps", "8", "--epochs", "3"))
-    train.main(refer_args(refer_root, split, "--max-steps", "4", "--epochs", "3"))
+    train.main(refer_args(refer_root, straight, "--max-steps", "8", "--epochs", "3", *addons))
+    train.main(refer_args(refer_root, split, "--max-steps", "4", "--epochs", "3", *addons))
     mid = torch.load(split / "last.pt", weights_only=True)
     assert (mid["step"], mid["sampler"]["batch_in_epoch"]) == (4, 4)
     result = train.main(["--resume", str(split / "last.pt"), "--max-steps", "8", "--no-progress"])
@@ -214,9 +244,15 @@ def test_resume_is_bit_identical(refer_root, tmp_path):
     a, b = weights(straight / "last.pt"), weights(split / "last.pt")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    sa = torch.load(straight / "last.pt", weights_only=True)["optimizer"]["state"]
-    sb = torch.load(split / "last.pt", weights_only=True)["optimizer"]["state"]
+    ca, cb = (torch.load(out / "last.pt", weights_only=True) for out in (straight, split))
+    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+    assert ca["heads"].keys() == cb["heads"].keys() and bool(ca["heads"]) == bool(addons)
+    assert all(torch.equal(ca["heads"][k], cb["heads"][k]) for k in ca["heads"])
+    if addons:  # the add-ons really ran: their losses are logged and the adapters are saved
+        assert all(x["mask_grounding"] > 0 and x["alignment"] > 0 for x in log_records(split, "train"))
+        assert any(k.startswith("image_adapters.") for k in a)
 
 
 def test_resume_with_more_epochs_extends_the_schedule(refer_root, tmp_path):
@@ -227,7 +263,7 @@ def test_resume_with_more_epochs_extends_the_schedule(refer_root, tmp_path):
     result = train.main(["--resume", "auto", "--out-dir", str(out), "--dataset", "refcoco", "--epochs", "2",
                          "--no-progress"])
     assert result["step"] == 12
-    lrs = [json.loads(x)["lr"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = [x["lr"] for x in log_records(out, "train")]
     assert lrs[6] > 0.0 and lrs[-1] == 0.0
 
 
@@ -286,10 +322,12 @@ def test_missing_refcoco_data_gives_clean_message(tmp_path):
 
 # --- DDP ---
 
-def test_ddp_two_gloo_processes_match_one_process(tmp_path):
-    """torchrun with 2 CPU processes (gloo), batch 2 each, gives the weights of 1 process with batch 4."""
+@pytest.mark.parametrize("extra", [[], ["--alignment-weight", "0.1"]], ids=["maris", "alignment"])
+def test_ddp_two_gloo_processes_match_one_process(tmp_path, extra):
+    """torchrun with 2 CPU processes (gloo), batch 2 each, gives the weights of 1 process with batch 4;
+    with MagNet's alignment loss its head (outside the DDP wrapper) is averaged over the ranks too."""
     common = ["--max-steps", "3", "--val-split", "", "--image-size", "64", "--no-progress", "--log-every", "1",
-              "--lr", "1e-3", "--warmup-steps", "1"]
+              "--lr", "1e-3", "--warmup-steps", "1", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "train.py", "--batch-size", "2", "--out-dir", str(tmp_path / "ddp"), *common],
@@ -308,6 +346,143 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     # biases) get rounding-noise gradients that Adam normalises, hence the absolute tolerance.
     a, b = ckpt["model"], weights(tmp_path / "one" / "last.pt")
     assert all(torch.allclose(a[k], b[k], atol=2e-4, rtol=0) for k in a)
+    ha, hb = ckpt["heads"], torch.load(tmp_path / "one" / "last.pt", weights_only=True)["heads"]
+    assert ha.keys() == hb.keys() and bool(ha) == bool(extra)
+    # A head left un-averaged would take a different Adam step (~lr) on each rank's half batch.
+    assert all(torch.allclose(ha[k], hb[k], atol=2e-4, rtol=0) for k in ha)
+
+
+# --- MagNet's losses and RISAM's adapters (issue 5) ---
+
+def test_magnet_and_adapters_train_on_shapes(tmp_path):
+    """--mask-grounding-weight 0.1 --alignment-weight 0.1 --adapters trains on shapes: finite logged
+    losses, the adapters change, the encoders do not, the heads are saved beside the model."""
+    out = tmp_path / "run"
+    result = train.main(shapes_args(out, *ADDONS, "--max-steps", "3"))
+    assert result["step"] == 3
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    config = ckpt["config"]
+    assert config["adapters"] and config["mask_grounding_weight"] == config["alignment_weight"] == 0.1
+    initial = evaluate.build_model(config).trainable_state_dict()  # the seeded build = the run's start
+    adapters = [k for k in ckpt["model"] if k.startswith("image_adapters.")]
+    assert adapters and set(ckpt["model"]) == set(initial)
+    assert not any(k.startswith(("image_encoder.", "text_encoder.")) for k in ckpt["model"])
+    # `up` starts at zero and gets a gradient at the first step: every one of them moved.
+    assert all(not torch.equal(ckpt["model"][k], initial[k]) for k in adapters if ".up." in k)
+    assert {k.partition(".")[0] for k in ckpt["heads"]} == {"mask_grounding", "alignment"}
+    records = log_records(out, "train")
+    assert len(records) == 3
+    assert all(np.isfinite([x["loss"], x["mask_grounding"], x["alignment"]]).all() for x in records)
+    assert all(x["mask_grounding"] > 0 for x in records)
+
+
+# --- image-grouped batches (issue 6) ---
+
+@pytest.mark.filterwarnings("ignore:MARIS. RANDOM weights")
+def test_grouped_batch_matches_per_sentence_copies():
+    """One training step on an image-grouped batch (collate_images + image_index) gives the loss and
+    gradients of the per-sentence batch in which every sentence carries its own copy of the image."""
+    cfg = maris.make_config("tiny", image_size=64, mask_grounding_weight=0.1, alignment_weight=0.1)
+    model = maris.build_maris(cfg)
+    heads = maris.build_heads(cfg, model)
+    ds = data.ShapesDataset("train", num_images=2, image_size=64)
+    batch = data.collate_images([ds[i] for i in range(len(ds))])
+    assert batch["images"].shape[0] == 2 < len(ds)  # several sentences per image
+    valid = data.valid_mask(batch["input_size"], 64)
+
+    def step(images, image_index):
+        model.zero_grad(set_to_none=True)
+        heads.zero_grad(set_to_none=True)
+        losses = maris.training_loss(model, heads, ids=batch["ids"], word_mask=batch["word_mask"],
+                                     masks=batch["mask"], valid=valid, images=images, image_index=image_index,
+                                     generator=torch.Generator().manual_seed(0))
+        losses["loss"].backward()
+        params = [*model.named_parameters(), *heads.named_parameters(prefix="heads")]
+        return losses, {n: p.grad.clone() for n, p in params if p.grad is not None}
+
+    grouped, grads = step(batch["images"], batch["image_index"])
+    per_sentence, grads_ref = step(batch["images"][batch["image_index"]], None)  # (B, 3, S, S) copies
+    for k in grouped:
+        assert torch.allclose(grouped[k], per_sentence[k], rtol=1e-5, atol=1e-6), k
+    assert grads.keys() == grads_ref.keys() and len(grads) > 0
+    for k in grads:
+        assert torch.allclose(grads[k], grads_ref[k], rtol=1e-4, atol=1e-6), k
+
+
+# --- encoder feature cache (issue 6) ---
+
+def count_encoder_images(monkeypatch) -> list:
+    """Patch train.build_model so every SAM encoder pass appends its image count to the returned list."""
+    calls, real = [], train.build_model
+
+    def build_and_count(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.image_encoder.patch_embed.register_forward_hook(lambda m, inputs, out: calls.append(len(inputs[0])))
+        return model
+
+    monkeypatch.setattr(train, "build_model", build_and_count)
+    return calls
+
+
+def test_feature_cache_second_epoch_runs_no_encoder(tmp_path, monkeypatch):
+    """With --feature-cache, epoch 1 encodes each image once (train and validation), epoch 2 and its
+    validation run SAM's encoder zero times, and the losses stay finite."""
+    calls = count_encoder_images(monkeypatch)
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    train.main(shapes_args(out, "--epochs", "2", "--feature-cache", str(cache), "--val-split", "val",
+                           "--val-limit", "6"))
+    train_images = len(set(data.ShapesDataset("train", num_images=10).image_ids[:16]))
+    val_images = len(set(data.ShapesDataset("val", num_images=10).image_ids[:6]))
+    epochs = log_records(out, "epoch")
+    assert [x["encoded_images"] for x in epochs] == [train_images, 0]
+    assert sum(calls) == train_images + val_images  # every picture through the encoder exactly once
+    assert len(list((cache / "shapes-train-seed0").glob("*.npy"))) == train_images
+    assert len(list((cache / "shapes-val-seed0").glob("*.npy"))) == val_images
+    assert all(np.isfinite(x["loss"]) for x in log_records(out, "train"))
+    assert len(log_records(out, "eval")) == 2
+
+
+def test_feature_cache_on_refcoco_shares_coco_images(refer_root, tmp_path):
+    """On the RefCOCO layout the train and val splits share one cache of COCO pictures by image id."""
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    train.main(refer_args(refer_root, out, "--epochs", "1", "--feature-cache", str(cache)))
+    assert sorted(p.name for p in (cache / "mscoco-train2014").glob("*.npy")) == ["1.npy", "2.npy", "3.npy"]
+    assert [x["encoded_images"] for x in log_records(out, "epoch")] == [2]
+    assert log_records(out, "eval")[0]["count"] == 6
+
+
+def test_feature_cache_refuses_adapters(tmp_path):
+    """--feature-cache with --adapters stops with a message saying why."""
+    with pytest.raises(SystemExit) as e:
+        train.main(shapes_args(tmp_path / "run", "--adapters", "--feature-cache", str(tmp_path / "cache"),
+                               "--max-steps", "1"))
+    assert "--feature-cache cannot be used with --adapters" in str(e.value)
+
+
+def test_feature_cache_refuses_another_encoder(tmp_path):
+    """A cache built with another (random) encoder, here another --seed, is refused, naming the hash;
+    --rebuild-feature-cache empties and reuses it."""
+    cache = tmp_path / "cache"
+    train.main(shapes_args(tmp_path / "a", "--feature-cache", str(cache), "--max-steps", "1"))
+    with pytest.raises(SystemExit) as e:
+        train.main(shapes_args(tmp_path / "b", "--feature-cache", str(cache), "--max-steps", "1", "--seed", "1"))
+    assert "encoder_sha256" in str(e.value) and "--rebuild-feature-cache" in str(e.value)
+    result = train.main(shapes_args(tmp_path / "c", "--feature-cache", str(cache), "--max-steps", "1", "--seed", "1",
+                                    "--rebuild-feature-cache"))
+    assert result["step"] == 1
+    assert json.loads((cache / "shapes-train-seed0" / "meta.json").read_text())["image_size"] == 64
+
+
+@pytest.mark.filterwarnings("ignore:MARIS. RANDOM weights")
+def test_fingerprint_covers_encoder_weights_and_settings():
+    """The encoder fingerprint changes with the encoder's weights and with its input size, not otherwise."""
+    a = maris.build_maris(maris.make_config("tiny", image_size=64))
+    b = maris.build_maris(maris.make_config("tiny", image_size=64, maa_depth=1))  # same encoder, other head
+    c = maris.build_maris(maris.make_config("tiny", image_size=64, init_seed=1))
+    d = maris.build_maris(maris.make_config("tiny", image_size=32))
+    fa, fb, fc, fd = (evaluate.encoder_fingerprint(m, "shapes-train-seed0") for m in (a, b, c, d))
+    assert fa == fb
+    assert fa["encoder_sha256"] != fc["encoder_sha256"] and fa["image_size"] != fd["image_size"]
 
 
 # --- end to end: train, save, resume, evaluate through the command-line entry points ---
