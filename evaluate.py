@@ -618,10 +618,17 @@ def format_table(results: dict[str, dict]) -> str:
 
 # --- Command line ---
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show each option's default, unless its help text already says what the default is."""
+
+    def _get_help_string(self, action):
+        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """evaluate.py's options."""
     p = argparse.ArgumentParser(description="Score a MARIS checkpoint (oIoU, mIoU, Prec@X) or segment one image.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_DefaultsFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py (best.pt / last.pt)")
     p.add_argument("--dataset", default=None, help="shapes | refcoco | refcoco+ | refcocog (default: the checkpoint's)")
     p.add_argument("--split-by", default=None, help="unc | google | umd (default: the checkpoint's)")
