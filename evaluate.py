@@ -464,6 +464,9 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~eroded
 
 
+MIN_OVERLAY_WIDTH = 384  # px; smaller pictures (the shapes demo's ~128 px) are enlarged
+
+
 def draw_overlay(image: Image.Image, pred: np.ndarray, caption: str, *, gt: np.ndarray | None = None,
                  iou: float | None = None, color: tuple[int, int, int] = (255, 0, 255)) -> Image.Image:
     """The image with the predicted mask tinted, the GT outlined in green, and a caption band.
@@ -473,7 +476,9 @@ def draw_overlay(image: Image.Image, pred: np.ndarray, caption: str, *, gt: np.n
         gt: optional bool (Ho, Wo) ground truth.  iou: optional score written after the caption.
 
     Returns:
-        RGB PIL image, (Ho + caption band) × Wo.
+        RGB PIL image, (Ho + caption band) × Wo; pictures narrower than `MIN_OVERLAY_WIDTH` are
+        enlarged by a whole factor (nearest neighbour, so mask edges stay sharp) to keep the
+        caption readable.
     """
     rgb = np.asarray(image.convert("RGB")).astype(np.float32)  # (Ho, Wo, 3)
     if pred.shape != rgb.shape[:2]:
@@ -483,6 +488,9 @@ def draw_overlay(image: Image.Image, pred: np.ndarray, caption: str, *, gt: np.n
     if gt is not None:
         rgb[_outline(gt.astype(bool))] = (40, 255, 40)
     picture = Image.fromarray(rgb.round().clip(0, 255).astype(np.uint8))
+    scale = -(-MIN_OVERLAY_WIDTH // picture.width)  # ceil; 1 for pictures already wide enough
+    if scale > 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
     width = picture.width
     px = max(12, width // 40)
     font = _font(px)

@@ -619,7 +619,7 @@ def train(opts: TrainOptions, explicit: dict) -> dict:
         log({"kind": "eval", "step": step, "epoch": epoch, "split": opts.val_split, **metrics})
         improved = metrics["oIoU"] > best
         if main_process:
-            print(f"step {step} epoch {epoch}: val {opts.val_split} oIoU {100 * metrics['oIoU']:.2f}  "
+            print(f"step {step} epoch {epoch}: {opts.val_split} oIoU {100 * metrics['oIoU']:.2f}  "
                   f"mIoU {100 * metrics['mIoU']:.2f}  Prec@0.5 {100 * metrics['Prec@0.5']:.2f}  "
                   f"({metrics['count']} pairs)" + ("  new best" if improved else ""))
         if improved:

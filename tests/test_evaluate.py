@@ -278,15 +278,17 @@ def test_evaluate_model_encodes_each_image_once_per_split():
 # --- overlays and the command line ---
 
 
-def test_overlay_draws_mask_and_caption():
-    """The overlay keeps the image size (plus a caption band) and tints only the mask pixels."""
-    image = Image.new("RGB", (40, 30), (0, 0, 255))
-    mask = np.zeros((30, 40), bool)
+@pytest.mark.parametrize("width", [40, 500])
+def test_overlay_draws_mask_and_caption(width):
+    """The overlay tints only the mask pixels, adds a caption band, and enlarges small pictures by a whole factor."""
+    image = Image.new("RGB", (width, 30), (0, 0, 255))
+    mask = np.zeros((30, width), bool)
     mask[5:10, 5:10] = True
     out = np.asarray(evaluate.draw_overlay(image, mask, "the thing", gt=mask, iou=1.0))
-    assert out.shape[1] == 40 and out.shape[0] > 30
-    assert tuple(out[20, 30]) == (0, 0, 255)  # untouched background
-    assert tuple(out[7, 7]) != (0, 0, 255)  # tinted mask
+    k = -(-evaluate.MIN_OVERLAY_WIDTH // width)  # 10 for 40 px, 1 for 500 px
+    assert out.shape[1] == width * k and out.shape[0] > 30 * k
+    assert tuple(out[20 * k, 30 * k]) == (0, 0, 255)  # untouched background
+    assert tuple(out[7 * k, 7 * k]) != (0, 0, 255)  # tinted mask
 
 
 @pytest.fixture(scope="module")
@@ -321,7 +323,7 @@ def test_single_image_mode_writes_overlay_and_mask(tiny_checkpoint, tmp_path):
     mask = Image.open(tmp_path / "overlay_mask.png")
     assert mask.size == (70, 45) and mask.mode == "L"
     assert set(np.unique(np.asarray(mask))) <= {0, 255}
-    assert Image.open(out).size[0] == 70
+    assert Image.open(out).size[0] == 70 * -(-evaluate.MIN_OVERLAY_WIDTH // 70)  # enlarged to stay readable
 
 
 def test_evaluate_cli_feature_cache(tiny_checkpoint, tmp_path):
