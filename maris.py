@@ -1301,11 +1301,20 @@ def build_heads(cfg: MarisConfig, model: MARIS | None = None) -> MagNetHeads:
         model: when given, the heads are moved to its device and dtype.
 
     Returns:
-        MagNetHeads (possibly with no parameters when both weights are 0).
+        MagNetHeads (possibly with no parameters when both weights are 0). Built under
+        `torch.manual_seed(cfg.init_seed)` like `build_maris` (the global RNG is restored), so
+        every DDP rank starts from the same heads, which DDP does not wrap.
 
     Raises:
         ValueError: a negative weight or an out-of-range ratio / temperature.
     """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.init_seed)
+        return _build_heads(cfg, model)
+
+
+def _build_heads(cfg: MarisConfig, model: MARIS | None) -> MagNetHeads:
+    """`build_heads` without the seeding."""
     for name in ("mask_grounding_weight", "alignment_weight"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")

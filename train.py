@@ -489,10 +489,7 @@ def train(opts: TrainOptions, explicit: dict) -> dict:
     model = build_model(config, sam_checkpoint=opts.sam_checkpoint, clip_checkpoint=opts.clip_checkpoint).to(device)
     cfg = maris.config_from_dict(config)
     try:  # MagNet's training-only heads (empty when both weights are 0); they never enter model checkpoints
-        # Seeded like the model build, so every rank starts from the same heads (DDP does not wrap them).
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.init_seed)
-            heads = maris.build_heads(cfg, model)
+        heads = maris.build_heads(cfg, model)  # seeded by cfg.init_seed: the same on every rank
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     mask_words = mask_word_generator(opts.seed, rank)

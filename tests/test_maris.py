@@ -846,3 +846,19 @@ def test_main_shows_adapter_parameters(capsys):
     maris.main(["--preset", "tiny", "--image-size", "32", "--adapters", "--no-forward"])
     out = capsys.readouterr().out
     assert "image_adapters" in out and "extra trainable parameters" in out
+
+
+def test_build_heads_is_seeded_by_the_config_not_the_global_rng():
+    """build_heads gives the same heads whatever the global RNG state, and leaves that state as it was."""
+    cfg = maris.make_config("tiny", mask_grounding_weight=0.1, alignment_weight=0.1)
+    torch.manual_seed(1)
+    a = maris.build_heads(cfg)
+    after = torch.rand(1)
+    torch.manual_seed(1)
+    torch.rand(5)  # another global state
+    b = maris.build_heads(cfg)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
+    torch.manual_seed(1)
+    maris.build_heads(cfg)
+    torch.testing.assert_close(torch.rand(1), after, rtol=0, atol=0)
