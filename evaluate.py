@@ -191,6 +191,29 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def setup_distributed(device_name: str = "auto") -> tuple[int, int, torch.device]:
+    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA).
+
+    Args:
+        device_name: auto | cpu | cuda | cuda:N (see `resolve_device`); under torchrun on CUDA
+            each process takes the GPU of its LOCAL_RANK.
+
+    Returns:
+        (rank, world size, this process's device).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
+    if world <= 1:
+        return 0, 1, device
+    rank = int(os.environ["RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
 def autocast(device: torch.device, precision: str = "auto"):
     """Autocast context for a precision name: auto (bf16 on CUDA, fp32 on CPU), bf16, fp32.
 
@@ -700,13 +723,16 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     ckpt = read_checkpoint(args.ckpt)
     opts = ckpt["options"]
-    device = resolve_device(args.device)
+    # Under torchrun every rank scores its share of each split; rank 0 prints and writes.
+    rank, world, device = setup_distributed(args.device)
     model = model_from_checkpoint(ckpt, sam_checkpoint=args.sam_checkpoint,
                                   clip_checkpoint=args.clip_checkpoint).to(device)
     cfg = maris.config_from_dict(ckpt["config"])
     out_dir = pathlib.Path(args.out_dir) if args.out_dir else pathlib.Path(args.ckpt).resolve().parent
 
     if args.image is not None or args.text is not None:
+        if world > 1:
+            raise SystemExit("error: single-image mode runs in one process; run it without torchrun")
         if args.image is None or args.text is None:
             raise SystemExit("error: single-image mode needs both --image and --text")
         if not pathlib.Path(args.image).is_file():
@@ -747,7 +773,10 @@ def main(argv: list[str] | None = None) -> dict:
         results[split] = evaluate_model(
             model, ds, batch_size=args.batch_size, device=device, eval_size=args.eval_size,
             threshold=args.threshold, precision=args.precision, workers=args.workers,
-            vis=args.vis, vis_dir=out_dir / "vis" / split, progress=not args.no_progress, desc=split, cache=cache)
+            vis=args.vis, vis_dir=out_dir / "vis" / split, progress=not args.no_progress and rank == 0, desc=split,
+            cache=cache)
+    if rank != 0:  # every rank holds the all-reduced results; one writes them
+        return results
     title = f"{dataset_name}" + (f" ({split_by})" if split_by and dataset_name != "shapes" else "")
     print(f"{title}  checkpoint {args.ckpt}  step {ckpt.get('step', '?')}")
     print(format_table(results))

@@ -47,7 +47,7 @@ from tqdm import tqdm
 import data
 import maris
 from evaluate import (autocast, batch_image_inputs, build_model, evaluate_model, open_feature_cache,
-                      resolve_device)
+                      resolve_device, setup_distributed)
 
 
 # --- Options ---
@@ -363,26 +363,6 @@ def atomic_save(obj: dict, path: pathlib.Path) -> None:
 
 # --- Distributed setup ---
 
-def setup_distributed(opts: TrainOptions) -> tuple[int, int, torch.device]:
-    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA).
-
-    Returns:
-        (rank, world size, this process's device).
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(opts.device)
-    if world <= 1:
-        return 0, 1, device
-    rank = int(os.environ["RANK"])
-    if device.type == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Sum a few numbers over all ranks (identity in a single process)."""
     if not dist.is_initialized():
@@ -439,7 +419,7 @@ def train(opts: TrainOptions, explicit: dict) -> dict:
     Raises:
         SystemExit: missing data, a bad option, a non-finite loss (names the step).
     """
-    rank, world, device = setup_distributed(opts)
+    rank, world, device = setup_distributed(opts.device)  # torchrun: join the process group
     main_process = rank == 0
 
     # Resume: the checkpoint's options, with the flags given on this command line on top.

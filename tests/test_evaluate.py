@@ -340,3 +340,23 @@ def test_evaluate_cli_feature_cache(tiny_checkpoint, tmp_path):
     assert plain["count"] == cached["count"] == again["count"]
     assert cached == again
     assert cached["oIoU"] == pytest.approx(plain["oIoU"], abs=0.02)
+
+
+def test_evaluate_under_torchrun_matches_one_process(tiny_checkpoint, tmp_path):
+    """evaluate.py under torchrun (2 gloo processes) scores every pair once and reports the single-process numbers."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+    root = pathlib.Path(evaluate.__file__).resolve().parent
+    common = ["--ckpt", str(tiny_checkpoint), "--split", "val", "--batch-size", "16", "--no-progress"]
+    one = evaluate.main([*common, "--out-dir", str(tmp_path / "one")])["val"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "evaluate.py", *common, "--out-dir", str(tmp_path / "ddp")],
+                          cwd=root, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("protocol:") == 1  # rank 0 alone prints the table
+    ddp = json.loads((tmp_path / "ddp" / "eval_shapes.json").read_text())["results"]["val"]
+    assert ddp["count"] == one["count"]
+    for key, value in one.items():
+        assert ddp[key] == pytest.approx(value, abs=1e-6), key
