@@ -320,10 +320,10 @@ def test_single_image_mode_writes_overlay_and_mask(tiny_checkpoint, tmp_path):
     out = tmp_path / "overlay.png"
     evaluate.main(["--ckpt", str(tiny_checkpoint), "--image", str(photo), "--text", "the red circle",
                    "--out", str(out)])
-    mask = Image.open(tmp_path / "overlay_mask.png")
-    assert mask.size == (70, 45) and mask.mode == "L"
-    assert set(np.unique(np.asarray(mask))) <= {0, 255}
-    assert Image.open(out).size[0] == 70 * -(-evaluate.MIN_OVERLAY_WIDTH // 70)  # enlarged to stay readable
+    with Image.open(tmp_path / "overlay_mask.png") as mask, Image.open(out) as overlay:
+        assert mask.size == (70, 45) and mask.mode == "L"
+        assert set(np.unique(np.asarray(mask))) <= {0, 255}
+        assert overlay.size[0] == 70 * -(-evaluate.MIN_OVERLAY_WIDTH // 70)  # enlarged to stay readable
 
 
 def test_evaluate_cli_feature_cache(tiny_checkpoint, tmp_path):
