@@ -303,6 +303,8 @@ def _make_item(index, image_t, mask, orig_size, ids, word_mask, image_size, ref_
     """The one item dict shared by every dataset (same keys in every split).
 
     `image_t` is the transformed image (3, S, S) or None (load_images=False: an empty tensor, shape (0,)).
+    `mask` is the original-resolution bool mask or None (load_masks=False: an empty tensor, shape (0,);
+    evaluation scores against `original_mask` and needs no padded copy).
     """
     H, W = orig_size
     input_size = resize_longest_side(H, W, image_size)
@@ -310,7 +312,7 @@ def _make_item(index, image_t, mask, orig_size, ids, word_mask, image_size, ref_
         image_t = torch.zeros(0)
     return {
         "image": image_t,  # (3, S, S) or (0,)
-        "mask": transform_mask(mask, image_size),  # (S, S)
+        "mask": torch.zeros(0) if mask is None else transform_mask(mask, image_size),  # (S, S) or (0,)
         "ids": ids,  # (L,)
         "word_mask": word_mask,  # (L,)
         "orig_size": torch.tensor([H, W], dtype=torch.long),
@@ -464,13 +466,14 @@ class RefDataset(Dataset):
         context_length: L; default 20 for RefCOCO/+, 30 for G-Ref.
         image_dir: default <root>/images/mscoco/images/train2014.
         load_images: False skips reading pixels (item "image" is an empty tensor).
+        load_masks: False skips decoding the ground truth (item "mask" is an empty tensor).
     Raises:
         ValueError: unknown dataset / split_by / split, unreadable files, a ref naming a missing
             annotation or image id. FileNotFoundError: a missing annotation file.
     """
 
     def __init__(self, root, dataset="refcoco", split_by=None, split="train", image_size=1024,
-                 context_length=None, image_dir=None, load_images=True):
+                 context_length=None, image_dir=None, load_images=True, load_masks=True):
         if dataset not in DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(DATASETS)}")
         split_by = split_by or DATASETS[dataset][0]
@@ -485,7 +488,7 @@ class RefDataset(Dataset):
         self.image_size = image_size
         self.context_length = context_length or DEFAULT_CONTEXT_LENGTH[dataset]
         self.image_dir = pathlib.Path(image_dir) if image_dir else self.root / "images/mscoco/images/train2014"
-        self.load_images = load_images
+        self.load_images, self.load_masks = load_images, load_masks
 
         refs_path = _require_file(self.root / dataset / f"refs({split_by}).p")
         inst_path = _require_file(self.root / dataset / "instances.json")
@@ -538,7 +541,8 @@ class RefDataset(Dataset):
         ref, sent = self.items[index]
         entry = self.images[ref["image_id"]]
         image = self._images(ref["image_id"]) if self.load_images else None
-        return _make_item(index, image, self.original_mask(index), (entry["height"], entry["width"]),
+        mask = self.original_mask(index) if self.load_masks else None
+        return _make_item(index, image, mask, (entry["height"], entry["width"]),
                           self.ids[index], self.word_mask[index], self.image_size,
                           ref["ref_id"], sent["sent_id"], ref["image_id"], sent["sent"])
 
@@ -767,14 +771,17 @@ class ShapesDataset(Dataset):
         context_length: L.
         seed: base seed.
         load_images: False skips rendering the picture (item "image" is an empty tensor).
+        load_masks: False skips the ground truth (item "mask" is an empty tensor).
     Raises:
         ValueError: unknown split.
     """
 
-    def __init__(self, split="train", num_images=None, image_size=128, context_length=20, seed=0, load_images=True):
+    def __init__(self, split="train", num_images=None, image_size=128, context_length=20, seed=0, load_images=True,
+                 load_masks=True):
         if split not in SHAPES_SPLITS:
             raise ValueError(f"unknown shapes split {split!r}; expected one of {tuple(SHAPES_SPLITS)}")
         self.split, self.seed, self.image_size, self.load_images = split, seed, image_size, load_images
+        self.load_masks = load_masks
         self.context_length = context_length
         n = SHAPES_NUM_IMAGES[split] if num_images is None else num_images
         self.scenes = [make_scene(np.random.default_rng([seed, SHAPES_SPLITS[split], i])) for i in range(n)]
@@ -801,8 +808,9 @@ class ShapesDataset(Dataset):
         image_id, obj, expr = self.items[index]
         scene = self.scenes[image_id]
         image = self._images(image_id) if self.load_images else None
+        mask = self.original_mask(index) if self.load_masks else None
         ref_id = image_id * 8 + obj  # at most 6 objects per scene: a unique id per object
-        return _make_item(index, image, self.original_mask(index), (scene.height, scene.width),
+        return _make_item(index, image, mask, (scene.height, scene.width),
                           self.ids[index], self.word_mask[index], self.image_size,
                           ref_id, index, image_id, expr)
 
@@ -1019,7 +1027,7 @@ class FeatureCache:
 
 
 def build_dataset(name, split, *, root=None, split_by=None, image_size, context_length=None,
-                  image_dir=None, load_images=True) -> Dataset:
+                  image_dir=None, load_images=True, load_masks=True) -> Dataset:
     """One entry point for every dataset.
 
     Args:
@@ -1029,6 +1037,8 @@ def build_dataset(name, split, *, root=None, split_by=None, image_size, context_
         split_by, image_dir: RefCOCO family only (see RefDataset).
         image_size: S. context_length: L (None: the dataset's default).
         load_images: False skips pixels (item "image" is an empty tensor).
+        load_masks: False skips the padded ground truth (item "mask" is an empty tensor; evaluation
+            reads `original_mask` instead).
     Returns:
         a Dataset of item dicts.
     Raises:
@@ -1036,10 +1046,11 @@ def build_dataset(name, split, *, root=None, split_by=None, image_size, context_
     """
     if name == "shapes":
         return ShapesDataset(split=split, image_size=image_size, context_length=context_length or 20,
-                             load_images=load_images)
+                             load_images=load_images, load_masks=load_masks)
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected 'shapes' or one of {sorted(DATASETS)}")
     if root is None:
         raise ValueError(f"dataset {name!r} needs root=<refer data root>. {_WHERE_FROM}")
     return RefDataset(root, dataset=name, split_by=split_by, split=split, image_size=image_size,
-                      context_length=context_length, image_dir=image_dir, load_images=load_images)
+                      context_length=context_length, image_dir=image_dir, load_images=load_images,
+                      load_masks=load_masks)

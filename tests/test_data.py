@@ -413,6 +413,20 @@ def test_fixture_load_images_false_skips_pixels(tmp_path):
     assert item["image"].shape == (0,) and item["mask"].sum() > 0
 
 
+@pytest.mark.parametrize("name", ["refer", "shapes"])
+def test_load_masks_false_skips_the_ground_truth(refer_root, monkeypatch, name):
+    """load_masks=False returns an empty mask tensor without decoding the annotation, other keys unchanged."""
+    if name == "shapes":
+        full, lean = (data.ShapesDataset("val", num_images=2, image_size=32, load_masks=m) for m in (True, False))
+    else:
+        full, lean = (data.RefDataset(refer_root, split="train", image_size=32, load_masks=m) for m in (True, False))
+    expected = full[0]
+    monkeypatch.setattr(lean, "original_mask", lambda index: pytest.fail("decoded a mask"))
+    item = lean[0]
+    assert item["mask"].shape == (0,) and item.keys() == expected.keys()
+    torch.testing.assert_close(item["image"], expected["image"], rtol=0, atol=0)
+
+
 def test_fixture_annotations_are_parsed_once(refer_root):
     """Several splits of one partition share the parsed instances.json and refs file."""
     data.RefDataset(refer_root, split="train", image_size=32)
