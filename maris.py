@@ -873,8 +873,15 @@ class MARIS(nn.Module):
                     word_features=word_features, enhanced=enhanced)
 
     def visual_pe(self, size: tuple[int, int]) -> Tensor:
-        """SAM's dense positional encoding P_v (N, C) for an (H, W) grid, in the model's dtype."""
-        return self.pe_layer(size).to(self.word_pos.dtype).flatten(1).transpose(0, 1)  # (C, H, W) -> (N, C)
+        """SAM's dense positional encoding P_v (N, C) for an (H, W) grid, in the model's dtype.
+
+        Computed in fp32 even under autocast: it is a matmul followed by sin/cos of values up to
+        ~2*pi*|gaussian|, and in bf16 the encoding was off by up to 0.2 (on values in [-1, 1]).
+        """
+        device = self.pe_layer.positional_encoding_gaussian_matrix.device
+        with torch.autocast(device_type=device.type, enabled=False):
+            pe = self.pe_layer(size)  # (C, H, W), fp32
+        return pe.to(self.word_pos.dtype).flatten(1).transpose(0, 1)  # (C, H, W) -> (N, C)
 
     def fuse(self, visual: Tensor, word_features: Tensor, word_mask: Tensor, visual_pe: Tensor
              ) -> tuple[Tensor, Tensor]:

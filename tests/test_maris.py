@@ -862,3 +862,13 @@ def test_build_heads_is_seeded_by_the_config_not_the_global_rng():
     torch.manual_seed(1)
     maris.build_heads(cfg)
     torch.testing.assert_close(torch.rand(1), after, rtol=0, atol=0)
+
+
+def test_visual_pe_is_fp32_exact_under_bf16_autocast():
+    """SAM's positional encoding P_v is the same under bf16 autocast as in fp32 (sin/cos of a bf16 matmul is not)."""
+    model = maris.MARIS(maris.make_config("tiny"))
+    plain = model.visual_pe((8, 8))
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        auto = model.visual_pe((8, 8))
+    assert auto.dtype == torch.float32
+    torch.testing.assert_close(auto, plain, rtol=0, atol=0)
