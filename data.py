@@ -989,7 +989,10 @@ class FeatureCache:
             os.replace(tmp, path)  # atomic: the entry is complete or absent
 
     def load(self, image_ids) -> dict:
-        """Features of cached images as float32: neck (B, C, H, W), taps num_taps x (B, H, W, D).
+        """Features of cached images, fp16 as stored: neck (B, C, H, W), taps num_taps x (B, H, W, D).
+
+        fp16 halves host memory and the host-to-device copy; MARIS.forward_features casts them to
+        the model's device and dtype.
 
         Raises:
             ValueError: an entry is missing or has the wrong size (named).
@@ -1003,7 +1006,7 @@ class FeatureCache:
             if row.shape != (self.neck_size + self.num_taps * self.tap_size,):
                 raise ValueError(f"feature cache entry {self.path(image_id)} has {row.shape} values, expected "
                                  f"{self.neck_size + self.num_taps * self.tap_size}")
-            rows.append(torch.from_numpy(np.array(row, dtype=np.float32)))
+            rows.append(torch.from_numpy(np.array(row)))  # copy out of the memory map, fp16
         flat = torch.stack(rows)  # (B, C*H*W + num_taps*H*W*D)
         B = flat.shape[0]
         neck, *taps = flat.split([self.neck_size] + [self.tap_size] * self.num_taps, dim=1)

@@ -1326,6 +1326,8 @@ def _build_heads(cfg: MarisConfig, model: MARIS | None) -> MagNetHeads:
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     mask_grounding = alignment = None
+    # The loss functions check these too; checking here fails at build time, before a run loads
+    # its data and weights.
     if cfg.mask_grounding_weight > 0:
         if not 0 < cfg.mask_ratio <= 1:
             raise ValueError(f"mask_ratio must be in (0, 1], got {cfg.mask_ratio}")
