@@ -103,7 +103,9 @@ class ClipTokenizer:
         self.encoder = {token: i for i, token in enumerate(vocab)}
         self.decoder = dict(enumerate(vocab))
         self.bpe_ranks = {pair: rank for rank, pair in enumerate(merges)}
-        self._cache: dict[str, tuple[str, ...]] = {}
+        # As in OpenAI's tokenizer, the special tokens written literally in a text are not split
+        # by BPE: they encode to SOT / EOT (the pre-tokenisation regex keeps them whole).
+        self._cache: dict[str, tuple[str, ...]] = {t: (t,) for t in ("<|startoftext|>", "<|endoftext|>")}
 
     def bpe(self, token: str) -> tuple[str, ...]:
         """Merge the symbols of one pre-token, lowest-ranked pair first, until no merge applies."""

@@ -66,6 +66,13 @@ def test_vocab_sha256_mismatch_is_a_clear_error(tmp_path):
         data.ClipTokenizer(tmp_path / "missing.gz")
 
 
+def test_literal_special_tokens_encode_to_their_ids():
+    """A literal <|endoftext|> / <|startoftext|> in a text encodes to EOT / SOT, as OpenAI's tokenizer does."""
+    tok = data.get_tokenizer()
+    assert tok.encode("a <|endoftext|> b") == tok.encode("a") + [data.EOT_ID] + tok.encode("b")
+    assert tok.encode("<|startoftext|>cat") == [data.SOT_ID] + tok.encode("cat")
+
+
 def test_vocab_size_and_specials():
     """The vocabulary has 49408 entries with SOT/EOT at 49406/49407 and id 0 = '!'."""
     tok = data.get_tokenizer()
