@@ -362,7 +362,7 @@ SPLITS = {
 }
 # NOTE(paper): the paper does not state L; 20 (RefCOCO/+) and 30 (G-Ref, longer expressions) follow
 # the LAVT/CRIS convention. Override with `context_length`.
-DEFAULT_CONTEXT_LENGTH = {"refcoco": 20, "refcoco+": 20, "refcocog": 30}
+DEFAULT_CONTEXT_LENGTH = {"refcoco": 20, "refcoco+": 20, "refcocog": 30, "shapes": 20}  # L per dataset
 _WHERE_FROM = (
     "Expected the refer layout: <root>/<dataset>/refs(<split_by>).p and <root>/<dataset>/instances.json, "
     "images under <root>/images/mscoco/images/train2014/COCO_train2014_<12-digit id>.jpg. "
@@ -778,7 +778,8 @@ class ShapesDataset(Dataset):
         ValueError: unknown split.
     """
 
-    def __init__(self, split="train", num_images=None, image_size=128, context_length=20, seed=0, load_images=True,
+    def __init__(self, split="train", num_images=None, image_size=128,
+                 context_length=DEFAULT_CONTEXT_LENGTH["shapes"], seed=0, load_images=True,
                  load_masks=True):
         if split not in SHAPES_SPLITS:
             raise ValueError(f"unknown shapes split {split!r}; expected one of {tuple(SHAPES_SPLITS)}")
@@ -1050,7 +1051,7 @@ def build_dataset(name, split, *, root=None, split_by=None, image_size, context_
         ValueError: unknown name, or a RefCOCO-family name without a root.
     """
     if name == "shapes":
-        return ShapesDataset(split=split, image_size=image_size, context_length=context_length or 20,
+        return ShapesDataset(split=split, image_size=image_size, context_length=context_length or DEFAULT_CONTEXT_LENGTH["shapes"],
                              load_images=load_images, load_masks=load_masks)
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected 'shapes' or one of {sorted(DATASETS)}")

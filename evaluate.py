@@ -18,8 +18,9 @@ The metrics are defined once, here; `train.py` imports them.
   (bilinear) to the original (Ho, Wo), and a pixel is foreground when sigmoid > threshold (0.5).
   `--eval-size R` instead resizes that prediction and the ground truth to an R × R square, the way
   LAVT and MagNet score (their tables use R = 480).
-- Every sentence of a split is scored; the sentences of one image share a batch and the image is
-  encoded once per batch (data.collate_images), or read from the encoder feature cache.
+- Every sentence of a split is scored; whole images are packed into batches, so an image is
+  encoded once per split (data.collate_images), or read from the encoder feature cache.
+- A split with no pairs has no score: its metrics are null in the JSON and "-" in the table.
 
 Shape letters: B pairs in a batch, S padded input side, (h2, w2) the resized image inside the
 padding, (Ho, Wo) the original image, R the square side of `--eval-size`, H = W = S/16 the feature side,
@@ -49,17 +50,15 @@ import maris
 # Prec@X thresholds of the RIS literature (LAVT, CRIS, MARIS tables).
 PREC_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
-# The splits a checkpoint is scored on when `--split` is not given (DESIGN.md §5).
+# The splits a checkpoint is scored on when `--split` is not given (DESIGN.md §5): every split of the
+# partition but "train", derived from data.py's tables so that a new partition needs no edit here.
 EVAL_SPLITS = {
-    ("shapes", None): ("val", "test"),
-    ("refcoco", "unc"): ("val", "testA", "testB"),
-    ("refcoco", "google"): ("val", "test"),
-    ("refcoco+", "unc"): ("val", "testA", "testB"),
-    ("refcocog", "umd"): ("val", "test"),
-    ("refcocog", "google"): ("val",),
+    ("shapes", None): tuple(s for s in data.SHAPES_SPLITS if s != "train"),
+    **{key: tuple(s for s in splits if s != "train") for key, splits in data.SPLITS.items()},
 }
-# split_by used when neither the flag nor the checkpoint names one (data.py's defaults).
-DEFAULT_SPLIT_BY = {"shapes": None, "refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
+# split_by used when neither the flag nor the checkpoint names one: data.py's default, the first
+# partition listed for the dataset (shapes has none).
+DEFAULT_SPLIT_BY = {"shapes": None, **{name: partitions[0] for name, partitions in data.DATASETS.items()}}
 
 
 # --- Metrics: per-pair I and U, oIoU, mIoU, Prec@X (DESIGN.md §6) ---
@@ -214,17 +213,42 @@ def setup_distributed(device_name: str = "auto") -> tuple[int, int, torch.device
     return rank, world, device
 
 
-def autocast(device: torch.device, precision: str = "auto"):
-    """Autocast context for a precision name: auto (bf16 on CUDA, fp32 on CPU), bf16, fp32.
+# Precision names accepted by train.py and evaluate.py (the one table; `check_precision` the one check).
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def check_precision(precision: str) -> str:
+    """Return `precision` when it is one of PRECISIONS.
+
+    Raises:
+        ValueError: an unknown precision name (the message lists the valid ones).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def effective_precision(device: torch.device, precision: str) -> str:
+    """The precision that really runs: "bf16" or "fp32" ("auto" = bf16 on CUDA, fp32 elsewhere).
 
     Raises:
         ValueError: an unknown precision name.
     """
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+    # NOTE(paper): bf16 autocast on GPU is DESIGN.md §7's default; CPU autocast is slow, so fp32 there.
+    if check_precision(precision) == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """Autocast context for a precision name (see `effective_precision`).
+
+    Raises:
+        ValueError: an unknown precision name.
+    """
+    if effective_precision(device, precision) == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
 def build_model(config: dict, *, sam_checkpoint: str | None = None, clip_checkpoint: str | None = None) -> maris.MARIS:
@@ -317,7 +341,8 @@ def state_dict_sha256(module: torch.nn.Module) -> str:
     """sha256 over a module's state dict: each key, dtype, shape and tensor bytes, keys sorted.
 
     Identifies the weights themselves, so a randomly initialised encoder (another --seed) and a
-    loaded checkpoint hash differently.
+    loaded checkpoint hash differently. It reads every weight (about 2.5 GB for ViT-H): callers
+    hash a model once per process and pass the result on (`encoder_sha256=` below).
     """
     digest = hashlib.sha256()
     for key, value in sorted(module.state_dict().items()):
@@ -327,30 +352,38 @@ def state_dict_sha256(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def encoder_fingerprint(model: maris.MARIS, source: str, *, precision: str = "fp32") -> dict:
+def encoder_fingerprint(model: maris.MARIS, source: str, *, precision: str = "fp32",
+                        encoder_sha256: str | None = None) -> dict:
     """Everything the frozen encoder's outputs depend on, for data.FeatureCache's meta.json.
 
     Args:
         model: MARIS (its config and image encoder weights).
         source: `image_source(dataset)`.
         precision: the autocast the features are computed under ("fp32" or "bf16").
+        encoder_sha256: `state_dict_sha256(model.image_encoder)` when the caller has it already
+            (None: hash the weights now).
 
     Returns:
         JSON-able dict: the ENCODER_FIELDS of the config, the encoder weights' sha256, source, precision.
     """
     cfg = maris.config_to_dict(model.cfg)
-    return {**{k: cfg[k] for k in ENCODER_FIELDS}, "encoder_sha256": state_dict_sha256(model.image_encoder),
+    if encoder_sha256 is None:
+        encoder_sha256 = state_dict_sha256(model.image_encoder)
+    return {**{k: cfg[k] for k in ENCODER_FIELDS}, "encoder_sha256": encoder_sha256,
             "images": source, "precision": precision}
 
 
-def effective_precision(device: torch.device, precision: str) -> str:
-    """The precision `autocast(device, precision)` really uses: "bf16" or "fp32"."""
-    return "bf16" if precision == "bf16" or (precision == "auto" and device.type == "cuda") else "fp32"
-
-
 def open_feature_cache(model: maris.MARIS, dataset, root: str | os.PathLike, *, device: torch.device,
-                       precision: str = "auto", rebuild: bool = False) -> data.FeatureCache:
+                       precision: str = "auto", rebuild: bool = False,
+                       encoder_sha256: str | None = None) -> data.FeatureCache:
     """The feature cache of `dataset`'s pictures under `root/<image source>/`.
+
+    Args:
+        model: MARIS (not DDP-wrapped).  dataset: a data.py dataset (or train.py's _Head of one).
+        root: the cache folder.  device, precision: where and how missing entries are encoded.
+        rebuild: empty a cache built for another encoder instead of refusing it.
+        encoder_sha256: the encoder weights' hash computed once by the caller (`state_dict_sha256`);
+            None hashes them here, which costs a full read of the weights per call.
 
     Raises:
         SystemExit: the model has RISAM adapters (its encoder features change as they train), or the
@@ -362,7 +395,8 @@ def open_feature_cache(model: maris.MARIS, dataset, root: str | os.PathLike, *, 
     cfg = model.cfg
     H = W = cfg.image_size // cfg.patch_size
     source = image_source(dataset)
-    fingerprint = encoder_fingerprint(model, source, precision=effective_precision(device, precision))
+    fingerprint = encoder_fingerprint(model, source, precision=effective_precision(device, precision),
+                                      encoder_sha256=encoder_sha256)
     try:
         return data.FeatureCache(pathlib.Path(root) / source, fingerprint, neck_shape=(cfg.embed_dim, H, W),
                                  tap_shape=(H, W, cfg.sam_embed_dim), num_taps=len(cfg.fe_taps), rebuild=rebuild)
@@ -532,21 +566,44 @@ def draw_overlay(image: Image.Image, pred: np.ndarray, caption: str, *, gt: np.n
 # --- Evaluating a model on a dataset split ---
 
 def eval_batches(image_ids, batch_size: int, *, rank: int = 0, world: int = 1) -> list[list[int]]:
-    """Evaluation batches: every item once, the sentences of an image side by side (DESIGN.md §7).
+    """Evaluation batches: every item once, whole images packed together (DESIGN.md §7).
 
-    The items are ordered image by image (first-seen image order, item order inside an image) by
-    data.ImageGroupedBatchSampler without shuffling, cut into batches of `batch_size`, and rank r
-    of `world` takes batches r, r + world, ... (no padding, so no pair is scored twice).
+    The items are grouped by image (first-seen image order, item order inside an image). Images
+    are packed greedily into batches of at most `batch_size` items: an image that does not fit
+    in the rest of the current batch starts the next one, so an image with n ≤ batch_size
+    sentences sits in exactly one batch and is encoded once. An image with n > batch_size
+    sentences is cut into full batches of `batch_size` and its last n mod batch_size sentences
+    start the next batch (ceil(n / batch_size) encoder passes, the fewest possible). Batches
+    therefore vary in size. Rank r of `world` takes batches r, r + world, ... (no padding, so no
+    pair is scored twice).
 
     Args:
         image_ids: image id of every item (`dataset.image_ids`).
-        batch_size: sentences per batch.  rank, world: this process and the process count.
+        batch_size: the most sentences in a batch.  rank, world: this process and the process count.
 
     Returns:
         This rank's batches of item indices.
+
+    Raises:
+        ValueError: batch_size < 1.
     """
-    sampler = data.ImageGroupedBatchSampler(image_ids, batch_size, sentences_per_image=None, shuffle=False)
-    return [list(b) for b in sampler][rank::world]
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    groups: dict[int, list[int]] = {}  # image id -> its items, first-seen image order
+    for index, image_id in enumerate(image_ids):
+        groups.setdefault(int(image_id), []).append(index)
+    batches, current = [], []
+    for items in groups.values():
+        if len(current) + len(items) > batch_size and current:
+            batches.append(current)  # the image does not fit: close the batch, start the next one
+            current = []
+        while len(items) > batch_size:  # more sentences than a batch holds: full batches of this image
+            batches.append(items[:batch_size])
+            items = items[batch_size:]
+        current += items
+    if current:
+        batches.append(current)
+    return batches[rank::world]
 
 
 @torch.no_grad()
@@ -556,15 +613,19 @@ def evaluate_model(model: torch.nn.Module, dataset, *, batch_size: int = 8, devi
                    progress: bool = True, desc: str = "eval", cache: data.FeatureCache | None = None) -> dict:
     """Score every item (every sentence of every ref) of a dataset.
 
-    Sentences of one image share a batch (`eval_batches`) and each distinct image of a batch is
-    encoded once (`data.collate_images`). Under an initialised process group each rank scores its
+    Whole images are packed into batches (`eval_batches`) and each distinct image of a batch is
+    encoded once (`data.collate_images`), so an image is encoded once per split unless it has more
+    sentences than `batch_size`. The ground truth is read with `dataset.original_mask(index)`,
+    never from the batch, so the dataset can be built with load_masks=False (nothing decodes a
+    mask twice). Under an initialised process group each rank scores its
     share of the batches and the sums are all-reduced, so every rank returns the metrics of the
     whole split.
 
     Args:
         model: MARIS (not DDP-wrapped); its train/eval mode is restored afterwards.
-        dataset: a data.py dataset with `image_ids`, `original_mask(index)` and `load_image(image_id)`.
-        batch_size: sentences per forward pass.  device: where the model runs.
+        dataset: a data.py dataset with `image_ids`, `original_mask(index)` and `load_image(image_id)`
+            (its items' "mask" is never read: build it with load_masks=False).
+        batch_size: the most sentences per forward pass.  device: where the model runs.
         eval_size: None = original resolution, R = R × R square (LAVT/MagNet).
         threshold: sigmoid threshold.  precision: auto | bf16 | fp32.
         workers: DataLoader worker processes.
@@ -637,13 +698,31 @@ def protocol(*, eval_size: int | None, threshold: float, image_size: int) -> dic
             "empty_gt": "empty GT + empty prediction = IoU 1, adds nothing to the sums"}
 
 
+def without_nan(value):
+    """`value` with every float NaN (a metric of a split with no pairs) replaced by None, recursively.
+
+    JSON has no NaN (json.dumps would write the invalid token NaN), so the reports write null.
+    """
+    if isinstance(value, dict):
+        return {k: without_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_nan(v) for v in value]
+    if isinstance(value, float) and value != value:  # NaN is the only float unequal to itself
+        return None
+    return value
+
+
 def format_table(results: dict[str, dict]) -> str:
-    """A text table: one row per split, metrics in percent, then the pair count."""
+    """A text table: one row per split, metrics in percent ("-" where undefined), then the pair count."""
     cols = ["oIoU", "mIoU", *[f"Prec@{t:g}" for t in PREC_THRESHOLDS]]
     width = max([5, *map(len, results)])
+
+    def cell(value) -> str:
+        return f"{'-':>8}" if value is None or value != value else f"{100 * value:8.2f}"  # None / NaN: no pairs
+
     lines = [f"{'split':<{width}}  " + "  ".join(f"{c:>8}" for c in cols) + f"  {'count':>7}"]
     for split, m in results.items():
-        lines.append(f"{split:<{width}}  " + "  ".join(f"{100 * m[c]:8.2f}" for c in cols) + f"  {m['count']:>7d}")
+        lines.append(f"{split:<{width}}  " + "  ".join(cell(m[c]) for c in cols) + f"  {m['count']:>7d}")
     return "\n".join(lines)
 
 
@@ -672,7 +751,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="sentences per forward pass")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto = bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--eval-size", type=int, default=None,
                    help="score on an R x R square resize (480 = LAVT/MagNet) instead of the original resolution")
@@ -719,12 +798,24 @@ def predict_image(model: maris.MARIS, image: Image.Image, text: str, *, device: 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run evaluate.py; returns {split: metrics} (or {"mask": path, "overlay": path} in single-image mode)."""
+    """Run evaluate.py; returns {split: metrics} (or {"mask": path, "overlay": path} in single-image mode).
+
+    Metrics of a split with no pairs are None (null in the JSON, "-" in the table).
+    """
     args = build_parser().parse_args(argv)
     ckpt = read_checkpoint(args.ckpt)
-    opts = ckpt["options"]
     # Under torchrun every rank scores its share of each split; rank 0 prints and writes.
     rank, world, device = setup_distributed(args.device)
+    try:
+        return _run(args, ckpt, rank=rank, world=world, device=device)
+    finally:  # every rank leaves the process group, also after an error (as train.main does)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, ckpt: dict, *, rank: int, world: int, device: torch.device) -> dict:
+    """The body of `main` once the process group is joined (single-image mode or split scoring)."""
+    opts = ckpt["options"]
     model = model_from_checkpoint(ckpt, sam_checkpoint=args.sam_checkpoint,
                                   clip_checkpoint=args.clip_checkpoint).to(device)
     cfg = maris.config_from_dict(ckpt["config"])
@@ -740,7 +831,8 @@ def main(argv: list[str] | None = None) -> dict:
         image = Image.open(args.image).convert("RGB")
         mask = predict_image(model, image, args.text, device=device, context_length=cfg.context_length,
                              precision=args.precision, threshold=args.threshold)
-        out = pathlib.Path(args.out or pathlib.Path(args.image).with_name(pathlib.Path(args.image).stem + "_overlay.png"))
+        image_path = pathlib.Path(args.image)
+        out = pathlib.Path(args.out or image_path.with_name(image_path.stem + "_overlay.png"))
         mask_out = pathlib.Path(args.mask_out or out.with_name(out.stem + "_mask.png"))
         out.parent.mkdir(parents=True, exist_ok=True)
         mask_out.parent.mkdir(parents=True, exist_ok=True)
@@ -760,21 +852,26 @@ def main(argv: list[str] | None = None) -> dict:
     proto = protocol(eval_size=args.eval_size, threshold=args.threshold, image_size=cfg.image_size)
     results: dict[str, dict] = {}
     start = time.time()
+    # The encoder weights' hash (a full read of them) is taken once, not once per split's cache.
+    encoder_sha256 = (state_dict_sha256(model.image_encoder)
+                      if args.feature_cache is not None and not cfg.adapters else None)
     for split in splits:
         try:
             # With a feature cache the pixels are only read to fill missing cache entries.
             ds = data.build_dataset(dataset_name, split, root=data_root, split_by=split_by,
                                     image_size=cfg.image_size, context_length=cfg.context_length,
-                                    image_dir=image_dir, load_images=args.feature_cache is None)
+                                    image_dir=image_dir, load_images=args.feature_cache is None,
+                                    load_masks=False)  # scored against original_mask(index)
         except (FileNotFoundError, ValueError, KeyError) as e:
             raise SystemExit(f"error: {e}") from None
         cache = None if args.feature_cache is None else open_feature_cache(
-            model, ds, args.feature_cache, device=device, precision=args.precision)
+            model, ds, args.feature_cache, device=device, precision=args.precision, encoder_sha256=encoder_sha256)
         results[split] = evaluate_model(
             model, ds, batch_size=args.batch_size, device=device, eval_size=args.eval_size,
             threshold=args.threshold, precision=args.precision, workers=args.workers,
             vis=args.vis, vis_dir=out_dir / "vis" / split, progress=not args.no_progress and rank == 0, desc=split,
             cache=cache)
+    results = without_nan(results)  # a split with no pairs has no score: None, not NaN
     if rank != 0:  # every rank holds the all-reduced results; one writes them
         return results
     title = f"{dataset_name}" + (f" ({split_by})" if split_by and dataset_name != "shapes" else "")
@@ -787,7 +884,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"checkpoint": str(args.ckpt), "step": ckpt.get("step"), "dataset": dataset_name, "split_by": split_by,
               "protocol": proto, "results": results, "seconds": round(time.time() - start, 2)}
     json_path = out_dir / f"{name}.json"
-    json_path.write_text(json.dumps(report, indent=2, allow_nan=True))
+    json_path.write_text(json.dumps(report, indent=2, allow_nan=False))
     print(f"wrote {json_path}")
     return results
 

@@ -46,8 +46,8 @@ from tqdm import tqdm
 
 import data
 import maris
-from evaluate import (autocast, batch_image_inputs, build_model, evaluate_model, open_feature_cache,
-                      resolve_device, setup_distributed)
+from evaluate import (autocast, batch_image_inputs, build_model, check_precision, evaluate_model, open_feature_cache,
+                      setup_distributed, state_dict_sha256, without_nan)
 
 
 # --- Options ---
@@ -102,7 +102,8 @@ class TrainOptions:
     weight_decay: float = _opt(0.01, "AdamW weight decay (not applied to biases and norm weights)")
     warmup_steps: int | None = _opt(None, "linear warm-up steps", "100 for shapes, else 1000")
     schedule: str = _opt("cosine", "learning-rate decay after warm-up: cosine | poly | constant")
-    grad_clip: float = _opt(1.0, "clip the gradient norm to this value (0 = off)")
+    grad_clip: float = _opt(1.0, "clip the gradient norm to this value (0 = off); metrics.jsonl logs the norm "
+                                 "before clipping either way")
     seed: int = _opt(0, "seed of the data order, the model initialisation and every RNG")
     sentences_per_image: int = _opt(1, "keep up to K sentences of one image in a batch and encode each image "
                                        "once (1 = ordinary shuffled batches)")
@@ -120,7 +121,8 @@ class TrainOptions:
     out_dir: str | None = _opt(None, "where last.pt, best.pt and metrics.jsonl go", "runs/<dataset>")
     resume: str | None = _opt(None, "checkpoint to continue from, or 'auto' = <out-dir>/last.pt when it exists")
     eval_every: int = _opt(1, "score the validation split every N epochs (0 = only at the end)")
-    log_every: int = _opt(20, "write a metrics.jsonl line every N steps")
+    log_every: int = _opt(20, "write a metrics.jsonl line every N steps (losses and gradient norm averaged "
+                              "over those steps and the processes)")
     save_every: int = _opt(0, "also write last.pt every N steps (0 = at the end of each epoch only)")
     workers: int | None = _opt(None, "DataLoader worker processes per training process",
                                "0 for shapes (rendering is cheap), else min(4, CPU count)")
@@ -129,6 +131,8 @@ class TrainOptions:
     progress: bool = _opt(True, "show tqdm progress bars")
 
 
+# Learning-rate decays after warm-up (LRSchedule's kinds).
+SCHEDULES = ("cosine", "poly", "constant")
 # Values that "auto" options take, per dataset kind (shapes demo vs. the RefCOCO family).
 # NOTE(paper): the RefCOCO values are DESIGN.md §7's reconstruction of the MARIS recipe; the shapes
 # values were tuned so that `python train.py` gives a useful model in a few minutes on 2 CPU cores.
@@ -147,10 +151,12 @@ def resolve_options(opts: TrainOptions) -> TrainOptions:
     if opts.dataset != "shapes" and opts.dataset not in data.DATASETS:
         raise SystemExit(f"error: unknown --dataset {opts.dataset!r}; expected shapes or one of "
                          f"{sorted(data.DATASETS)}")
-    if opts.schedule not in ("cosine", "poly", "constant"):
-        raise SystemExit(f"error: --schedule must be cosine, poly or constant, got {opts.schedule!r}")
-    if opts.precision not in ("auto", "bf16", "fp32"):
-        raise SystemExit(f"error: --precision must be auto, bf16 or fp32, got {opts.precision!r}")
+    if opts.schedule not in SCHEDULES:
+        raise SystemExit(f"error: --schedule must be one of {', '.join(SCHEDULES)}, got {opts.schedule!r}")
+    try:
+        check_precision(opts.precision)
+    except ValueError as e:
+        raise SystemExit(f"error: --{e}") from None
     kind = "shapes" if opts.dataset == "shapes" else "refcoco"
     values = dataclasses.asdict(opts)
     for key, value in AUTO[kind].items():
@@ -158,8 +164,8 @@ def resolve_options(opts: TrainOptions) -> TrainOptions:
             values[key] = value
     if values["split_by"] is None and opts.dataset != "shapes":
         values["split_by"] = data.DATASETS[opts.dataset][0]
-    if values["context_length"] is None:
-        values["context_length"] = 30 if opts.dataset == "refcocog" else 20  # as data.py's defaults
+    if values["context_length"] is None:  # data.py's default L for the dataset
+        values["context_length"] = data.DEFAULT_CONTEXT_LENGTH[opts.dataset]
     if values["out_dir"] is None:
         values["out_dir"] = str(pathlib.Path("runs") / opts.dataset)
     values["model_set"] = list(values["model_set"] or [])
@@ -209,8 +215,7 @@ def model_config(opts: TrainOptions) -> dict:
         overrides["image_size"] = opts.image_size
     overrides["context_length"] = opts.context_length
     known = {f.name: f for f in dataclasses.fields(maris.MarisConfig)}
-    if "init_seed" in known:
-        overrides["init_seed"] = opts.seed  # the model initialisation follows --seed too
+    overrides["init_seed"] = opts.seed  # the model initialisation follows --seed too
     if opts.loss_focal_weight is not None:
         overrides["loss_focal_weight"] = opts.loss_focal_weight
     if opts.loss_dice_weight is not None:
@@ -363,13 +368,19 @@ def atomic_save(obj: dict, path: pathlib.Path) -> None:
 
 # --- Distributed setup ---
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum a few numbers over all ranks (identity in a single process)."""
-    if not dist.is_initialized():
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
+def all_reduce_sum(values: torch.Tensor | list[float], device: torch.device) -> torch.Tensor:
+    """Sum a vector over all ranks (identity in a single process).
+
+    Returns a float64 tensor on `device`; a device tensor in gives no host sync (NCCL queues the
+    reduction on the stream), so the caller decides when to read the result.
+    """
+    if isinstance(values, torch.Tensor):
+        t = values.to(device, torch.float64)
+    else:
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
 
 
 def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
@@ -397,6 +408,8 @@ def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
 
 # Loss terms averaged into metrics.jsonl; MagNet's two only when their weight is > 0.
 LOSS_KEYS = ("loss", "focal", "dice", "mask_grounding", "alignment")
+# Everything a "train" record averages over its steps: the losses and the gradient norm before clipping.
+LOG_KEYS = (*LOSS_KEYS, "grad_norm")
 
 class _Stop:
     """Set by the SIGINT/SIGTERM handler; checked after every step."""
@@ -452,7 +465,9 @@ def train(opts: TrainOptions, explicit: dict) -> dict:
                   context_length=config["context_length"], image_dir=opts.image_dir,
                   load_images=opts.feature_cache is None)
         train_set = data.build_dataset(opts.dataset, opts.train_split, **kw)
-        val_set = data.build_dataset(opts.dataset, opts.val_split, **kw) if opts.val_split else None
+        # Validation scores against original_mask(index) (evaluate_model): no padded mask per item.
+        val_set = (data.build_dataset(opts.dataset, opts.val_split, **kw, load_masks=False) if opts.val_split
+                   else None)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     if opts.train_limit > 0:
@@ -479,8 +494,12 @@ def train(opts: TrainOptions, explicit: dict) -> dict:
     # the others; two ranks writing one image is harmless (each entry is renamed into place).
     train_cache = val_cache = None
     if opts.feature_cache is not None:
+        # The encoder weights' hash (a full read of them, ~2.5 GB for ViT-H) is taken once per run;
+        # with adapters there is none to take (open_feature_cache refuses them).
+        encoder_sha256 = None if cfg.adapters else state_dict_sha256(model.image_encoder)
+
         def open_caches(rebuild: bool):
-            kw = dict(device=device, precision=opts.precision, rebuild=rebuild)
+            kw = dict(device=device, precision=opts.precision, rebuild=rebuild, encoder_sha256=encoder_sha256)
             return (open_feature_cache(model, train_set, opts.feature_cache, **kw),
                     open_feature_cache(model, val_set, opts.feature_cache, **kw) if val_set is not None else None)
         if main_process:
@@ -531,9 +550,13 @@ def train(opts: TrainOptions, explicit: dict) -> dict:
     ddp_model = model
     if world > 1:
         # broadcast_buffers off: the frozen encoders' buffers are identical on every rank already.
+        # find_unused_parameters off: every trainable parameter of MARIS gets a gradient each step (with
+        # and without MagNet's losses and RISAM's adapters; the heads live outside the wrapper), so DDP
+        # skips the per-step search of the autograd graph. A configuration that left one unused would
+        # stop with DDP's error naming it at the next step.
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False, find_unused_parameters=True)
+            broadcast_buffers=False, find_unused_parameters=False)
 
     head_params = [p for p in heads.parameters() if p.requires_grad]
     trainable = [p for p in model.parameters() if p.requires_grad] + head_params
@@ -558,8 +581,8 @@ def train(opts: TrainOptions, explicit: dict) -> dict:
 
     def log(record: dict) -> None:
         if main_process:
-            with open(log_path, "a") as f:
-                f.write(json.dumps({**record, "seconds": round(time.time() - start, 2)}) + "\n")
+            with open(log_path, "a") as f:  # NaN (an empty validation split's metrics) is written as null
+                f.write(json.dumps(without_nan({**record, "seconds": round(time.time() - start, 2)})) + "\n")
 
     def checkpoint(path: pathlib.Path) -> None:
         """Write a checkpoint (every rank calls it: the RNG states are gathered to rank 0)."""
@@ -632,7 +655,9 @@ def train(opts: TrainOptions, explicit: dict) -> dict:
                        disable=not (opts.progress and main_process), dynamic_ncols=True, leave=False)
             ddp_model.train()
             heads.train()
-            window = dict.fromkeys(LOSS_KEYS, 0.0) | {"n": 0, "t": time.time()}
+            # Running sums of the logged values (LOSS_KEYS, then grad_norm) stay on the device and are
+            # read at log steps only, so a step makes a single host sync (the flags below).
+            window = {"sums": torch.zeros(len(LOG_KEYS), dtype=torch.float64, device=device), "n": 0, "t": time.time()}
             epoch_start, encoded = time.time(), {"encoded": 0}
             for batch in bar:
                 # images (B_img, 3, S, S) of the distinct images, or their cached encoder outputs
@@ -646,36 +671,46 @@ def train(opts: TrainOptions, explicit: dict) -> dict:
                                                  word_mask=batch["word_mask"].to(device), masks=masks, valid=valid,
                                                  generator=mask_words, **inputs)
                 loss = losses["loss"]
-                # Every rank learns whether any rank saw a non-finite loss or a stop signal.
-                bad, sig = all_reduce_sum([float(not torch.isfinite(loss)), float(stop.signal is not None)], device)
-                if bad:
+                # Every rank learns whether any rank saw a non-finite loss or a stop signal: both flags in
+                # one device tensor, one all-reduce, read after the backward pass has been queued.
+                flags = torch.stack([(~torch.isfinite(loss.detach())).double(),
+                                     torch.full((), float(stop.signal is not None), dtype=torch.float64,
+                                                device=device)])  # (2,) [non-finite, signal]
+                flags = all_reduce_sum(flags, device)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                average_gradients(head_params, world)  # DDP averaged the model's gradients already
+                # The norm of the (rank-averaged, so the same on every rank) gradient before clipping,
+                # over the model's trainable parameters and MagNet's heads.
+                if opts.grad_clip > 0:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, opts.grad_clip)
+                else:
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
+                bad, sig = flags.tolist()  # the step's one host sync
+                if bad:  # before optimizer.step: the weights in memory never see the bad gradients
                     where = (f"the last good checkpoint is {last_good['path']} (step {last_good['step']})"
                              if last_good["path"] else "no checkpoint was written yet")
                     raise SystemExit(f"error: non-finite loss ({loss.item()}) at step {step + 1} "
                                      f"(epoch {epoch + 1}); stopping without saving; {where}")
                 stopping = sig > 0
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                average_gradients(head_params, world)  # DDP averaged the model's gradients already
-                if opts.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(trainable, opts.grad_clip)
                 optimizer.step()
                 scheduler.step()
                 step += 1
                 batch_in_epoch += 1
-                for k in LOSS_KEYS:
-                    window[k] += float(losses[k].detach())
+                window["sums"] += torch.stack([*(losses[k].detach() for k in LOSS_KEYS),
+                                               grad_norm.to(device)]).double()  # (len(LOG_KEYS),)
                 window["n"] += 1
                 if step % opts.log_every == 0 or batch_in_epoch == batches_per_epoch:
-                    *sums, n = all_reduce_sum([window[k] for k in LOSS_KEYS] + [window["n"]], device)
-                    means = {k: v / n for k, v in zip(LOSS_KEYS, sums)
-                             if k in ("loss", "focal", "dice") or getattr(cfg, k + "_weight") > 0}
+                    # Every rank runs as many steps: the mean over ranks and steps divides by n * world.
+                    sums = (all_reduce_sum(window["sums"], device) / (window["n"] * world)).tolist()
+                    means = {k: v for k, v in zip(LOG_KEYS, sums)
+                             if k not in ("mask_grounding", "alignment") or getattr(cfg, k + "_weight") > 0}
                     seconds = time.time() - window["t"]
                     speed = window["n"] * opts.batch_size * world / max(seconds, 1e-9)
                     lr = scheduler.get_last_lr()[0]
                     log({"kind": "train", "step": step, "epoch": epoch, **means, "lr": lr, "items_per_s": speed})
                     bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}", items_s=f"{speed:.1f}")
-                    window = dict.fromkeys(LOSS_KEYS, 0.0) | {"n": 0, "t": time.time()}
+                    window = {"sums": torch.zeros_like(window["sums"]), "n": 0, "t": time.time()}
                 if opts.save_every > 0 and step % opts.save_every == 0:
                     save_last()
                     saved_at = step
@@ -683,7 +718,7 @@ def train(opts: TrainOptions, explicit: dict) -> dict:
                     break
             bar.close()
             if not stopping:
-                stopping = all_reduce_sum([float(stop.signal is not None)], device)[0] > 0
+                stopping = all_reduce_sum([float(stop.signal is not None)], device).item() > 0
             if stopping:
                 break
             if batch_in_epoch == batches_per_epoch:  # the epoch is complete
@@ -691,7 +726,7 @@ def train(opts: TrainOptions, explicit: dict) -> dict:
                 # frozen encoder ran on, summed over ranks (0 once a feature cache holds every image).
                 log({"kind": "epoch", "step": step, "epoch": epoch,
                      "epoch_seconds": round(time.time() - epoch_start, 3),
-                     "encoded_images": int(all_reduce_sum([encoded["encoded"]], device)[0])})
+                     "encoded_images": int(all_reduce_sum([encoded["encoded"]], device).item())})
                 epoch, batch_in_epoch = epoch + 1, 0
                 if opts.eval_every > 0 and epoch % opts.eval_every == 0:
                     val_metrics, evaluated_at = validate(), step

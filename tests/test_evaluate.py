@@ -166,25 +166,43 @@ def test_padding_never_scores(h, w):
 
 
 def test_eval_size_scores_on_a_square():
-    """--eval-size R gives R x R prediction and GT masks."""
-    logits = torch.zeros(2, 1, 8, 8)
-    preds = evaluate.logits_to_masks(logits, torch.tensor([[32, 20], [16, 32]]), torch.tensor([[50, 31], [9, 18]]),
-                                     size=32, eval_size=24)
-    assert [tuple(p.shape) for p in preds] == [(24, 24), (24, 24)]
-    assert evaluate.gt_at_eval_size(torch.ones(50, 31, dtype=torch.bool), 24).shape == (24, 24)
+    """--eval-size R scores a hand-computed pair: a (32, 16) image whose prediction is its left half and
+    whose GT is its top half gives the left 24 columns and the top 24 rows of a 48 x 48 square, IoU 1/3."""
+    size, hw = 32, (32, 16)  # the longest side is S: no resize, the right 16 columns are padding
+    logits = torch.full((1, 1, size, size), -10.0)
+    logits[..., :, :8] = 10.0  # foreground on the image's left half (columns 0-7)
+    pred = evaluate.logits_to_masks(logits, torch.tensor([hw]), torch.tensor([hw]), size=size, eval_size=48)[0]
+    expect = torch.zeros(48, 48, dtype=torch.bool)
+    expect[:, :24] = True  # bilinear x3 along the width: the sign flips halfway, between columns 23 and 24
+    assert torch.equal(pred, expect)
+    gt = torch.zeros(hw, dtype=torch.bool)
+    gt[:16] = True  # top half
+    square = evaluate.gt_at_eval_size(gt, 48)
+    expect_gt = torch.zeros(48, 48, dtype=torch.bool)
+    expect_gt[:24] = True  # nearest: square row i reads row floor(i * 32 / 48), < 16 for i < 24
+    assert torch.equal(square, expect_gt)
+    inter, union = evaluate.intersection_union(pred, square)
+    assert (int(inter[0]), int(union[0])) == (24 * 24, 3 * 24 * 24)
+    assert float(evaluate.pair_iou(inter, union)[0]) == pytest.approx(1 / 3)
 
 
 @given(st.lists(st.integers(0, 6), min_size=1, max_size=30), st.integers(1, 5), st.integers(1, 3))
-def test_eval_batches_cover_every_item_once_grouped_by_image(image_ids, batch, world):
-    """Evaluation batches over all ranks hold every item exactly once, full except the last, and
-    the items of one image are consecutive even when the dataset interleaves images."""
+def test_eval_batches_pack_whole_images(image_ids, batch, world):
+    """Evaluation batches over all ranks hold every item exactly once, at most `batch` each; an image
+    lies in ceil(n / batch) consecutive batches (one when it fits), and a batch is closed only when
+    the next image does not fit in it."""
     per_rank = [evaluate.eval_batches(image_ids, batch, rank=r, world=world) for r in range(world)]
     ordered = [b for k in range(max(map(len, per_rank))) for r in per_rank for b in r[k:k + 1]]
     flat = [i for b in ordered for i in b]
     assert sorted(flat) == list(range(len(image_ids)))
-    assert all(len(b) == batch for b in ordered[:-1])
-    runs = [image_ids[i] for k, i in enumerate(flat) if k == 0 or image_ids[flat[k - 1]] != image_ids[i]]
-    assert len(runs) == len(set(image_ids))  # one run of consecutive items per image
+    assert all(1 <= len(b) <= batch for b in ordered)
+    counts = {i: image_ids.count(i) for i in set(image_ids)}
+    holding = {i: [k for k, b in enumerate(ordered) if any(image_ids[j] == i for j in b)] for i in counts}
+    for i, ks in holding.items():
+        assert len(ks) == -(-counts[i] // batch) and ks == list(range(ks[0], ks[0] + len(ks)))
+    for a, b in zip(ordered, ordered[1:]):
+        first = image_ids[b[0]]
+        assert len(a) + sum(image_ids[j] == first for j in b) > batch  # greedy: it would not have fit
 
 
 class _GTDataset(torch.utils.data.Dataset):
@@ -212,7 +230,8 @@ class _GTDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         hw, gt, image_id = self.items[index]
         m = self.data.transform_mask(gt, self.size)
-        return {"image": m[None].repeat(3, 1, 1), "mask": m, "ids": torch.zeros(4, dtype=torch.long),
+        # No "mask" key: evaluation reads original_mask(index), never the batch's mask (load_masks=False).
+        return {"image": m[None].repeat(3, 1, 1), "ids": torch.zeros(4, dtype=torch.long),
                 "word_mask": torch.ones(4, dtype=torch.bool), "orig_size": torch.tensor(hw),
                 "input_size": torch.tensor(self.data.resize_longest_side(*hw, self.size)), "ref_id": index,
                 "sent_id": index, "image_id": index, "sentence": "x", "index": index}
@@ -231,7 +250,8 @@ class _OracleModel(torch.nn.Module):
 
 
 def test_evaluate_model_scores_a_perfect_model_one():
-    """evaluate_model gives oIoU = mIoU = 1 for a model whose logits are the padded GT."""
+    """evaluate_model gives oIoU = mIoU = 1 for a model whose logits are the padded GT, from items
+    without a "mask" (it scores against original_mask)."""
     ds = _GTDataset()
     out = evaluate.evaluate_model(_OracleModel(ds.size), ds, batch_size=3, progress=False)
     assert out["count"] == len(ds)
@@ -239,12 +259,13 @@ def test_evaluate_model_scores_a_perfect_model_one():
 
 
 class _SharedImages(_GTDataset):
-    """_GTDataset with 3 pictures whose sentences are interleaved in item order (0, 1, 2, 0, 1, ...);
+    """_GTDataset whose items are sentences of a few pictures, interleaved in item order (0, 1, 2, 0, ...);
     a picture is filled with its image id and each sentence's ids name its picture."""
 
-    def __init__(self):
-        super().__init__(n=9)
-        self.image_ids = [i % 3 for i in range(9)]
+    def __init__(self, sentences_per_image):
+        order = [i for k in range(max(sentences_per_image)) for i, n in enumerate(sentences_per_image) if k < n]
+        super().__init__(n=len(order))
+        self.image_ids = order
 
     def __getitem__(self, index):
         item = super().__getitem__(index)
@@ -266,13 +287,15 @@ class _CountingModel(_OracleModel):
         return super().forward(images, ids, word_mask, image_index=image_index)
 
 
-def test_evaluate_model_encodes_each_image_once_per_split():
-    """Sentences of one image share a batch and the image is encoded once, however the dataset orders them."""
-    ds = _SharedImages()
+@pytest.mark.parametrize("sentences", [[7, 7, 7], [7, 3, 5, 1, 8, 2], [10, 3, 17]])
+def test_evaluate_model_encodes_each_image_once_per_split(sentences):
+    """Whole images are packed into batches: with batch 8, an image of n sentences is encoded
+    ceil(n / 8) times (once when it fits a batch), however the dataset interleaves them."""
+    ds = _SharedImages(sentences)
     model = _CountingModel(ds.size)
-    out = evaluate.evaluate_model(model, ds, batch_size=3, progress=False)
-    assert out["count"] == len(ds)
-    assert sorted(model.rows) == [0, 1, 2]
+    out = evaluate.evaluate_model(model, ds, batch_size=8, progress=False)
+    assert out["count"] == len(ds) == sum(sentences)
+    assert sorted(model.rows) == sorted(i for i, n in enumerate(sentences) for _ in range(-(-n // 8)))
 
 
 # --- overlays and the command line ---
@@ -301,8 +324,13 @@ def tiny_checkpoint(tmp_path_factory):
     return out / "last.pt"
 
 
-def test_evaluate_cli_end_to_end(tiny_checkpoint, tmp_path, capsys):
-    """evaluate.py --ckpt rebuilds the model, prints the table and protocol, writes JSON and overlays."""
+def test_evaluate_cli_end_to_end(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """evaluate.py --ckpt rebuilds the model, prints the table and protocol, writes JSON and overlays;
+    it builds the split without padded masks (it scores against original_mask)."""
+    import data
+    built, real = [], data.build_dataset
+    monkeypatch.setattr(data, "build_dataset", lambda name, split, **kw: built.append(
+        (split, kw.get("load_masks", True))) or real(name, split, **kw))
     results = evaluate.main(["--ckpt", str(tiny_checkpoint), "--split", "val", "--batch-size", "32",
                              "--vis", "2", "--out-dir", str(tmp_path), "--no-progress", "--eval-size", "48"])
     printed = capsys.readouterr().out
@@ -311,6 +339,24 @@ def test_evaluate_cli_end_to_end(tiny_checkpoint, tmp_path, capsys):
     assert report["results"]["val"]["count"] == results["val"]["count"] > 0
     assert report["protocol"]["threshold"] == "sigmoid > 0.5"
     assert len(list((tmp_path / "vis" / "val").glob("*.png"))) == 2
+    assert built == [("val", False)]
+
+
+def test_split_without_pairs_is_null_in_json_and_dash_in_table(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """A split with no pairs (NaN metrics) is written as valid JSON with null metrics and printed as "-"."""
+    monkeypatch.setattr(evaluate, "evaluate_model", lambda *args, **kwargs: evaluate.RISMetrics().compute())
+    results = evaluate.main(["--ckpt", str(tiny_checkpoint), "--split", "val", "--out-dir", str(tmp_path),
+                             "--no-progress"])
+    printed = capsys.readouterr().out
+
+    def no_nan(token):
+        raise AssertionError(f"invalid JSON token {token}")
+
+    report = json.loads((tmp_path / "eval_shapes.json").read_text(), parse_constant=no_nan)
+    assert report["results"]["val"]["count"] == 0 and report["results"]["val"]["oIoU"] is None
+    assert results["val"]["mIoU"] is None and results["val"]["Prec@0.9"] is None
+    row = next(line for line in printed.splitlines() if line.startswith("val "))
+    assert row.split() == ["val", *["-"] * (2 + len(evaluate.PREC_THRESHOLDS)), "0"]
 
 
 def test_single_image_mode_writes_overlay_and_mask(tiny_checkpoint, tmp_path):
@@ -326,13 +372,17 @@ def test_single_image_mode_writes_overlay_and_mask(tiny_checkpoint, tmp_path):
         assert overlay.size[0] == 70 * -(-evaluate.MIN_OVERLAY_WIDTH // 70)  # enlarged to stay readable
 
 
-def test_evaluate_cli_feature_cache(tiny_checkpoint, tmp_path):
-    """evaluate.py --feature-cache fills the cache once per image, and scores like the pixel path
-    (fp16 features: equal pair count, oIoU within rounding)."""
+def test_evaluate_cli_feature_cache(tiny_checkpoint, tmp_path, monkeypatch):
+    """evaluate.py --feature-cache fills the cache once per image, hashes the encoder weights once per
+    run (not once per split), and scores like the pixel path (fp16 features: equal pair count, oIoU
+    within rounding)."""
     common = ["--ckpt", str(tiny_checkpoint), "--split", "val", "--batch-size", "16", "--no-progress",
               "--out-dir", str(tmp_path)]
     plain = evaluate.main(common)["val"]
-    cached = evaluate.main([*common, "--feature-cache", str(tmp_path / "cache")])["val"]
+    hashes, real_hash = [], evaluate.state_dict_sha256
+    monkeypatch.setattr(evaluate, "state_dict_sha256", lambda module: hashes.append(1) or real_hash(module))
+    cached = evaluate.main([*common, "--split", "test", "--feature-cache", str(tmp_path / "cache")])["val"]
+    assert len(hashes) == 1
     again = evaluate.main([*common, "--feature-cache", str(tmp_path / "cache")])["val"]
     import data
     images = set(data.ShapesDataset("val", image_size=64).image_ids)

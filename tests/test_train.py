@@ -188,10 +188,15 @@ def test_rng_state_roundtrip():
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
 
 
-def test_checkpoint_is_self_describing(refer_root, tmp_path):
-    """last.pt loads with weights_only and holds config, options, trainable weights only and state."""
+def test_checkpoint_is_self_describing(refer_root, tmp_path, monkeypatch):
+    """last.pt loads with weights_only and holds config, options, trainable weights only and state;
+    the training split is built with its masks, the validation split (scored on original_mask) without."""
+    built, real = [], data.build_dataset
+    monkeypatch.setattr(data, "build_dataset", lambda name, split, **kw: built.append(
+        (split, kw.get("load_masks", True))) or real(name, split, **kw))
     out = tmp_path / "run"
     result = train.main(refer_args(refer_root, out, "--max-steps", "2"))
+    assert built == [("train", True), ("val", False)]
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     for key in ("config", "options", "model", "optimizer", "scheduler", "step", "epoch", "rng", "sampler",
                 "best_oIoU"):
@@ -342,6 +347,9 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path, extra):
     assert [x["step"] for x in ddp_log if x["kind"] == "train"] == [1, 2, 3]
     # The same items per step and averaged gradients: the (rank-averaged) losses agree to rounding.
     assert [x["loss"] for x in ddp_log] == pytest.approx([x["loss"] for x in one_log], rel=1e-5)
+    # Adam and clipping are blind to a gradient's scale, so the weights alone cannot tell averaged from
+    # summed gradients; the logged pre-clipping norm (model + heads) can: summed would be 2x here.
+    assert [x["grad_norm"] for x in ddp_log] == pytest.approx([x["grad_norm"] for x in one_log], rel=1e-4)
     # Weights agree far below one Adam step (lr 1e-3); biases with zero true gradient (attention key
     # biases) get rounding-noise gradients that Adam normalises, hence the absolute tolerance.
     a, b = ckpt["model"], weights(tmp_path / "one" / "last.pt")
@@ -350,6 +358,18 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path, extra):
     assert ha.keys() == hb.keys() and bool(ha) == bool(extra)
     # A head left un-averaged would take a different Adam step (~lr) on each rank's half batch.
     assert all(torch.allclose(ha[k], hb[k], atol=2e-4, rtol=0) for k in ha)
+
+
+def test_grad_norm_is_logged_before_clipping(tmp_path):
+    """metrics.jsonl's grad_norm is the norm before clipping: the first step logs the same value with a
+    tiny --grad-clip and with clipping off (0), far above that clip."""
+    norms = {}
+    for clip in ("1e-6", "0"):
+        out = tmp_path / f"clip{clip}"
+        train.main(shapes_args(out, "--max-steps", "2", "--grad-clip", clip))
+        norms[clip] = [x["grad_norm"] for x in log_records(out, "train")]
+    assert len(norms["1e-6"]) == len(norms["0"]) == 2
+    assert norms["1e-6"][0] == pytest.approx(norms["0"][0], rel=1e-6) and norms["0"][0] > 1e-3
 
 
 # --- MagNet's losses and RISAM's adapters (issue 5) ---
@@ -426,8 +446,17 @@ def count_encoder_images(monkeypatch) -> list:
 
 def test_feature_cache_second_epoch_runs_no_encoder(tmp_path, monkeypatch):
     """With --feature-cache, epoch 1 encodes each image once (train and validation), epoch 2 and its
-    validation run SAM's encoder zero times, and the losses stay finite."""
+    validation run SAM's encoder zero times, the encoder weights are hashed once for the whole run
+    (not once per cache opened), and the losses stay finite."""
     calls = count_encoder_images(monkeypatch)
+    hashes, real_hash = [], evaluate.state_dict_sha256
+
+    def counted_hash(module):
+        hashes.append(1)
+        return real_hash(module)
+
+    monkeypatch.setattr(evaluate, "state_dict_sha256", counted_hash)
+    monkeypatch.setattr(train, "state_dict_sha256", counted_hash)
     out, cache = tmp_path / "run", tmp_path / "cache"
     train.main(shapes_args(out, "--epochs", "2", "--feature-cache", str(cache), "--val-split", "val",
                            "--val-limit", "6"))
@@ -440,6 +469,7 @@ def test_feature_cache_second_epoch_runs_no_encoder(tmp_path, monkeypatch):
     assert len(list((cache / "shapes-val-seed0").glob("*.npy"))) == val_images
     assert all(np.isfinite(x["loss"]) for x in log_records(out, "train"))
     assert len(log_records(out, "eval")) == 2
+    assert len(hashes) == 1
 
 
 def test_feature_cache_on_refcoco_shares_coco_images(refer_root, tmp_path):
