@@ -1,6 +1,7 @@
 """Tests for train.py: options, schedule, data order, checkpoints, exact resume, DDP, MagNet/RISAM
 switches, image-grouped batches, the encoder feature cache, end to end."""
 import json
+import math
 import os
 import pathlib
 import pickle
@@ -580,3 +581,20 @@ def test_gpu_bf16_overfits_one_batch(refer_root):
     for b, pred in enumerate(preds):
         m.update(*evaluate.intersection_union(pred.cpu(), torch.from_numpy(ds.original_mask(b))))
     assert m.compute()["mIoU"] > 0.8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_train_evaluate_and_cache_end_to_end(tmp_path):
+    """On the GPU (bf16 autocast): training with every add-on, training from the feature cache, and
+    evaluate.py on the result all run, with finite losses and every pair scored."""
+    addons = train.main(shapes_args(tmp_path / "addons", *ADDONS, "--max-steps", "3", "--device", "cuda"))
+    assert addons["step"] == 3
+    cache = tmp_path / "cache"
+    cached = train.main(shapes_args(tmp_path / "cached", "--feature-cache", str(cache), "--max-steps", "3",
+                                    "--device", "cuda"))
+    assert cached["step"] == 3 and any(cache.rglob("*.npy"))
+    logged = [json.loads(x) for x in (tmp_path / "cached" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(x["loss"]) for x in logged if x["kind"] == "train")
+    results = evaluate.main(["--ckpt", str(tmp_path / "cached" / "last.pt"), "--split", "val", "--device", "cuda",
+                             "--no-progress", "--feature-cache", str(cache), "--out-dir", str(tmp_path / "eval")])
+    assert results["val"]["count"] > 0 and 0 <= results["val"]["oIoU"] <= 1
