@@ -8,6 +8,7 @@ dice loss, backward, AdamW step) over the same sentences.
     python bench/encoder_passes.py                                  # vit_b at S = 512 on CPU
     python bench/encoder_passes.py --preset tiny --images 16
     python bench/encoder_passes.py --refcoco-mini ../shared/refcoco-mini
+    python bench/encoder_passes.py --device cuda --image-size 1024     # on a GPU (bf16 autocast)
 
 Target (issue 6): >= 3x less wall time at 7 sentences per image with vit_b at S = 512 on CPU.
 Weights are random (the time of a step does not depend on them). One summary line per figure.
@@ -46,7 +47,7 @@ class SentencesPerImage(Dataset):
         return self.base[self.indices[i]]
 
 
-def epoch(model, loader, optimizer, grouped: bool) -> tuple[int, float, int]:
+def epoch(model, loader, optimizer, grouped: bool, device: torch.device) -> tuple[int, float, int]:
     """One training epoch; returns (encoder image passes, seconds, sentences)."""
     passes = [0]
     # every encoder pass starts at SAM's patch embedding (maris.py iterates the blocks itself)
@@ -56,16 +57,20 @@ def epoch(model, loader, optimizer, grouped: bool) -> tuple[int, float, int]:
     t0 = time.perf_counter()
     for batch in loader:
         if grouped:
-            images, index = batch["images"], batch["image_index"]  # distinct images only
+            images, index = batch["images"], batch["image_index"].to(device)  # distinct images only
         else:
             images, index = batch["images"][batch["image_index"]], None  # one image per sentence
-        logits = model(images, batch["ids"], batch["word_mask"], image_index=index)
-        valid = data.valid_mask(batch["input_size"], model.cfg.image_size)
-        loss = maris.segmentation_loss(logits, batch["mask"], valid, model.cfg)["loss"]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(images.to(device), batch["ids"].to(device), batch["word_mask"].to(device),
+                           image_index=index)
+        valid = data.valid_mask(batch["input_size"], model.cfg.image_size).to(device)
+        loss = maris.segmentation_loss(logits.float(), batch["mask"].to(device), valid, model.cfg)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         sentences += len(batch["ids"])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     handle.remove()
     return passes[0], seconds, sentences
@@ -78,10 +83,11 @@ def run(name: str, dataset, model, args) -> None:
     grouped = DataLoader(dataset, collate_fn=data.collate_images, batch_sampler=data.ImageGroupedBatchSampler(
         dataset.image_ids, args.batch, sentences_per_image=args.k, seed=0))
     model.train()
-    epoch(model, grouped, optimizer, True)  # warm-up (allocator, kernels, image decode caches)
+    device = next(model.parameters()).device
+    epoch(model, grouped, optimizer, True, device)  # warm-up (allocator, kernels, image decode caches)
     results = {}
     for path, loader, is_grouped in (("per_sentence", per_sentence, False), ("grouped", grouped, True)):
-        results[path] = epoch(model, loader, optimizer, is_grouped)
+        results[path] = epoch(model, loader, optimizer, is_grouped, device)
         passes, seconds, n = results[path]
         print(f"{name} {path}: {n} sentences, {passes} encoder image passes, {seconds:.1f} s/epoch "
               f"({n / seconds:.2f} sentences/s)")
@@ -96,14 +102,16 @@ def main(argv=None) -> None:
     p.add_argument("--images", type=int, default=4, help="distinct images in the synthetic set (default 4)")
     p.add_argument("--k", type=int, default=7, help="sentences per image (default 7, RefCOCO's average)")
     p.add_argument("--batch", type=int, default=8, help="sentences per batch (default 8, the design default)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu; bf16 autocast on cuda)")
     p.add_argument("--refcoco-mini", type=pathlib.Path, default=None,
                    help="also time the refcoco unc train+val+testA+testB splits of this refer-layout root")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     cfg = maris.make_config(args.preset, image_size=args.image_size)
-    model = maris.MARIS(cfg)
+    device = torch.device(args.device)
+    model = maris.MARIS(cfg).to(device)
     print(f"setup: preset={args.preset} S={cfg.image_size} batch={args.batch} threads={torch.get_num_threads()} "
-          f"device=cpu, {args.images} images x {args.k} sentences")
+          f"device={device}, {args.images} images x {args.k} sentences")
     shapes = data.ShapesDataset("train", num_images=4 * args.images, image_size=cfg.image_size,
                                 context_length=cfg.context_length)
     run("synthetic", SentencesPerImage(shapes, args.images, args.k), model, args)
