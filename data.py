@@ -16,6 +16,7 @@ import json
 import os
 import pathlib
 import pickle
+import tempfile
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -931,6 +932,28 @@ def collate_images(items: list[dict]) -> dict:
 # what the features depend on, and a cache made for another encoder is refused, never mixed in.
 
 
+def atomic_write(path, write) -> None:
+    """Write a file so that a kill at any moment leaves the old file or the new one, never a part.
+
+    `write(f)` fills a temporary file in the same folder (binary mode); it is flushed, fsynced and
+    renamed over `path` (atomic on POSIX and Windows within one file system). On any error,
+    KeyboardInterrupt included, the temporary file is removed and the error re-raised.
+    """
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 class FeatureCache:
     """Memory-mapped fp16 cache of the frozen image encoder's outputs, one file per image.
 
@@ -962,9 +985,7 @@ class FeatureCache:
                                      "Use another cache directory, or rebuild it.")
                 for entry in self.root.glob("*.npy"):
                     entry.unlink()
-        tmp = meta.with_name(f"meta.json.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.fingerprint, indent=1))
-        os.replace(tmp, meta)
+        atomic_write(meta, lambda f: f.write(json.dumps(self.fingerprint, indent=1).encode()))
         self.neck_size = int(np.prod(self.neck_shape))
         self.tap_size = int(np.prod(self.tap_shape))
 
@@ -985,11 +1006,7 @@ class FeatureCache:
         taps = [t.detach().to("cpu", torch.float16).flatten(1) for t in features["taps"]]  # num_taps x (B, H*W*D)
         flat = torch.cat([neck, *taps], dim=1).numpy()  # (B, C*H*W + num_taps*H*W*D)
         for row, image_id in enumerate(image_ids):
-            path = self.path(image_id)
-            tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
-                np.save(f, flat[row])
-            os.replace(tmp, path)  # atomic: the entry is complete or absent
+            atomic_write(self.path(image_id), lambda f: np.save(f, flat[row]))  # complete or absent
 
     def load(self, image_ids) -> dict:
         """Features of cached images, fp16 as stored: neck (B, C, H, W), taps num_taps x (B, H, W, D).

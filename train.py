@@ -34,7 +34,6 @@ import os
 import pathlib
 import random
 import signal
-import tempfile
 import time
 import typing
 from dataclasses import dataclass, field
@@ -348,22 +347,8 @@ def mask_word_generator(seed: int, rank: int) -> torch.Generator:
 
 
 def atomic_save(obj: dict, path: pathlib.Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
-
-    A kill at any moment leaves either the old file or the new one, never a partial file.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX and Windows within one file system
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """torch.save through `data.atomic_write`: a kill at any moment leaves the old file or the new one."""
+    data.atomic_write(path, lambda f: torch.save(obj, f))
 
 
 # --- Distributed setup ---

@@ -793,5 +793,6 @@ def test_feature_cache_killed_write_leaves_no_entry(tmp_path, monkeypatch):
         cache.store([5], _features(1))
     monkeypatch.undo()
     assert 5 not in cache
+    assert not list(tmp_path.glob("*.tmp"))  # the half-written temporary file is removed too
     with pytest.raises(ValueError, match="5.npy"):
         cache.load([5])
