@@ -1,7 +1,7 @@
 """Data for MARIS: CLIP BPE tokenizer, SAM image/mask transforms, RefCOCO-family datasets read
 straight from the `refer` file layout, and the built-in synthetic "shapes" referring dataset.
 
-Everything between files on disk and the tensors the model eats (DESIGN.md §5). Every dataset
+Everything between files on disk and the tensors the model eats. Every dataset
 item is one dict with the same keys in every split (see `_make_item`).
 
 Shape letters: B batch, S padded input side, L text tokens (context length), H x W an original
@@ -9,6 +9,7 @@ image, h2 x w2 the image after resizing its longest side to S.
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import html
@@ -350,7 +351,7 @@ class _TransformedImages:
 
 
 # ============================================================================================
-# --- RefCOCO, RefCOCO+, G-Ref in the refer layout (DESIGN.md §5) ---
+# --- RefCOCO, RefCOCO+, G-Ref in the refer layout (the refer API's files) ---
 # ============================================================================================
 
 DATASETS = {"refcoco": ("unc", "google"), "refcoco+": ("unc",), "refcocog": ("umd", "google")}
@@ -488,6 +489,7 @@ class RefDataset(Dataset):
             raise ValueError(f"unknown split {split!r} for {dataset} ({split_by}); expected one of {allowed}")
         self.root = pathlib.Path(root)
         self.dataset, self.split_by, self.split = dataset, split_by, split
+        self.image_source = "mscoco-train2014"  # COCO ids: every RefCOCO-family split shares one feature cache
         self.image_size = image_size
         self.context_length = context_length or DEFAULT_CONTEXT_LENGTH[dataset]
         self.image_dir = pathlib.Path(image_dir) if image_dir else self.root / "images/mscoco/images/train2014"
@@ -785,6 +787,7 @@ class ShapesDataset(Dataset):
         if split not in SHAPES_SPLITS:
             raise ValueError(f"unknown shapes split {split!r}; expected one of {tuple(SHAPES_SPLITS)}")
         self.split, self.seed, self.image_size, self.load_images = split, seed, image_size, load_images
+        self.image_source = f"shapes-{split}-seed{seed}"  # each split and seed is its own stream of scenes
         self.load_masks = load_masks
         self.context_length = context_length
         n = SHAPES_NUM_IMAGES[split] if num_images is None else num_images
@@ -820,7 +823,7 @@ class ShapesDataset(Dataset):
 
 
 # ============================================================================================
-# --- Image-grouped batching: one frozen-encoder pass per distinct image (DESIGN.md §7) ---
+# --- Image-grouped batching: one frozen-encoder pass per distinct image ---
 # ============================================================================================
 # RefCOCO has about 7 sentences per image. Putting several sentences of one image in a batch and
 # running SAM's encoder on the batch's distinct images only cuts encoder work several times over;
@@ -923,7 +926,7 @@ def collate_images(items: list[dict]) -> dict:
 
 
 # ============================================================================================
-# --- Encoder feature cache: SAM's frozen outputs per image on disk (DESIGN.md §7) ---
+# --- Encoder feature cache: SAM's frozen outputs per image on disk ---
 # ============================================================================================
 # With the encoder frozen, its outputs for an image never change, so they are computed once and
 # read back every epoch. One fp16 .npy file per image holds the neck embedding (C, H, W) and the
@@ -1042,6 +1045,147 @@ class FeatureCache:
         if missing:
             self.store(missing, encode(missing))
         return self.load(image_ids)
+
+
+# Encoder settings the cached features depend on (besides the encoder weights' hash and the images).
+ENCODER_FIELDS = ("sam_embed_dim", "sam_depth", "sam_num_heads", "sam_global_attn_indexes", "sam_window_size",
+                  "patch_size", "image_size", "fe_taps", "embed_dim")
+
+
+def image_source(dataset) -> str:
+    """The name of the pictures behind a dataset's image ids (its `image_source`): one cache folder each.
+
+    The RefCOCO family shares COCO train2014 (image id = COCO id), so refcoco, refcoco+ and refcocog
+    share one cache; a shapes split is its own seeded stream of scenes (ids restart at 0).
+
+    Raises:
+        ValueError: the dataset has no `image_source` attribute.
+    """
+    source = getattr(dataset, "image_source", None)
+    if not isinstance(source, str):
+        raise ValueError(f"{type(dataset).__name__} has no image_source: the feature cache needs to know which "
+                         "pictures its image ids name")
+    return source
+
+
+def state_dict_sha256(module: torch.nn.Module) -> str:
+    """sha256 over a module's state dict: each key, dtype, shape and tensor bytes, keys sorted.
+
+    Identifies the weights themselves, so a randomly initialised encoder (another seed) and a loaded
+    checkpoint hash differently. It reads every weight (about 2.5 GB for ViT-H): callers hash a model
+    once per process and pass the result on (`encoder_sha256=` below).
+    """
+    digest = hashlib.sha256()
+    for key, value in sorted(module.state_dict().items()):
+        t = value.detach().to("cpu").contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes (works for bf16 too)
+    return digest.hexdigest()
+
+
+def encoder_fingerprint(model, source: str, *, precision: str = "fp32", encoder_sha256: str | None = None) -> dict:
+    """Everything the frozen encoder's outputs depend on, for FeatureCache's meta.json.
+
+    Args:
+        model: a MARIS (its `cfg` and `image_encoder`).  source: `image_source(dataset)`.
+        precision: the precision the features are computed in ("fp32" or "bf16").
+        encoder_sha256: `state_dict_sha256(model.image_encoder)` when the caller has it (None: hash now).
+
+    Returns:
+        JSON-able dict: the ENCODER_FIELDS of the config, the encoder weights' sha256, source, precision.
+    """
+    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(model.cfg).items()}
+    if encoder_sha256 is None:
+        encoder_sha256 = state_dict_sha256(model.image_encoder)
+    return {**{k: cfg[k] for k in ENCODER_FIELDS}, "encoder_sha256": encoder_sha256, "images": source,
+            "precision": precision}
+
+
+def _check_precision(precision: str) -> str:
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16' (maris.effective_precision), got {precision!r}")
+    return precision
+
+
+def open_feature_cache(model, dataset, root, *, precision: str = "fp32", rebuild: bool = False,
+                       encoder_sha256: str | None = None) -> FeatureCache:
+    """The feature cache of `dataset`'s pictures under `root/<image source>/`.
+
+    Args:
+        model: a MARIS (not DDP-wrapped).  dataset: has `image_source`.  root: the cache folder.
+        precision: "fp32" or "bf16", what missing entries are encoded in.
+        rebuild: empty a cache built for another encoder instead of refusing it.
+        encoder_sha256: the encoder weights' hash computed once by the caller (`state_dict_sha256`);
+            None hashes them here, which costs a full read of the weights per call.
+
+    Raises:
+        ValueError: the model has RISAM adapters (its encoder features change as they train); the
+            folder holds a cache built for another encoder, input size or image source (and not rebuild).
+    """
+    cfg = model.cfg
+    if cfg.adapters:
+        raise ValueError("--feature-cache cannot be used with --adapters: RISAM's adapters train inside SAM's "
+                         "image encoder, so its features change every step and cannot be cached")
+    H = W = cfg.image_size // cfg.patch_size
+    fingerprint = encoder_fingerprint(model, image_source(dataset), precision=_check_precision(precision),
+                                      encoder_sha256=encoder_sha256)
+    return FeatureCache(pathlib.Path(root) / fingerprint["images"], fingerprint, neck_shape=(cfg.embed_dim, H, W),
+                        tap_shape=(H, W, cfg.sam_embed_dim), num_taps=len(cfg.fe_taps), rebuild=rebuild)
+
+
+@torch.no_grad()
+def encode_images(model, dataset, image_ids, *, device: torch.device, batch_size: int,
+                  precision: str = "fp32") -> dict:
+    """Run the frozen image encoder on pictures loaded by id (what a FeatureCache stores).
+
+    Args:
+        model: a MARIS.  dataset: has `load_image(image_id)`.  image_ids: the ids, in output order.
+        device: where the encoder runs.  batch_size: images per encoder pass.
+        precision: "fp32", or "bf16" (autocast).
+
+    Returns:
+        dict(neck=(B_img, C, H, W), taps=[(B_img, H, W, D)] * 3) on the CPU in fp16 (the cache's dtype).
+    """
+    size = model.cfg.image_size
+    bf16 = _check_precision(precision) == "bf16"
+    necks, taps = [], []
+    ids = [int(i) for i in image_ids]
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start:start + batch_size]
+        pixels = torch.stack([transform_image(dataset.load_image(i), size)[0] for i in chunk])  # (b, 3, S, S)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            out = model.encode_image(pixels.to(device))
+        necks.append(out["neck"].to("cpu", torch.float16))  # (b, C, H, W)
+        taps.append([t.to("cpu", torch.float16) for t in out["taps"]])  # 3 x (b, H, W, D)
+    return {"neck": torch.cat(necks), "taps": [torch.cat(level) for level in zip(*taps)]}
+
+
+def batch_image_inputs(batch: dict, *, device: torch.device, model=None, cache: FeatureCache | None = None,
+                       dataset=None, batch_size: int = 8, precision: str = "fp32") -> tuple[dict, int]:
+    """The image keyword arguments of MARIS.forward for a `collate_images` batch.
+
+    Without a cache: images = the batch's distinct images (B_img, 3, S, S) on the device. With one:
+    image_features = the cached encoder outputs of `batch["image_ids"]`, encoding (and storing) the
+    missing ones first with `encode_images`.
+
+    Args:
+        batch: collate_images output.  device: the model's device.
+        model, cache, dataset: needed with a cache (the encoder and `load_image`).
+        batch_size, precision: of the encoder passes for missing entries ("fp32" or "bf16").
+
+    Returns:
+        (dict(images=..., image_features=..., image_index=(B,) long on the device), one of images /
+        image_features None; the number of images the encoder runs on for this batch).
+    """
+    index = batch["image_index"].to(device)  # (B,)
+    if cache is None:
+        images = batch["images"].to(device, non_blocking=True)  # (B_img, 3, S, S)
+        return dict(images=images, image_features=None, image_index=index), images.shape[0]
+    image_ids = [int(i) for i in batch["image_ids"]]
+    missing = [i for i in dict.fromkeys(image_ids) if i not in cache]
+    features = cache.get(image_ids, lambda ids: encode_images(model, dataset, ids, device=device,
+                                                              batch_size=batch_size, precision=precision))
+    return dict(images=None, image_features=features, image_index=index), len(missing)
 
 
 # ============================================================================================

@@ -1,4 +1,4 @@
-"""Scoring referring image segmentation (DESIGN.md §6) and the `evaluate.py` command line.
+"""Scoring referring image segmentation and the `evaluate.py` command line (README: "Scoring protocol").
 
     python evaluate.py --ckpt runs/shapes/best.pt
     python evaluate.py --ckpt best.pt --dataset refcoco --split-by unc --split val,testA,testB
@@ -28,14 +28,12 @@ B_img distinct images in a batch, C neck width, D SAM ViT width.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import hashlib
 import json
 import os
 import pathlib
 import textwrap
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -50,7 +48,7 @@ import maris
 # Prec@X thresholds of the RIS literature (LAVT, CRIS, MARIS tables).
 PREC_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
-# The splits a checkpoint is scored on when `--split` is not given (DESIGN.md §5): every split of the
+# The splits a checkpoint is scored on when `--split` is not given : every split of the
 # partition but "train", derived from data.py's tables so that a new partition needs no edit here.
 EVAL_SPLITS = {
     ("shapes", None): tuple(s for s in data.SHAPES_SPLITS if s != "train"),
@@ -61,7 +59,7 @@ EVAL_SPLITS = {
 DEFAULT_SPLIT_BY = {"shapes": None, **{name: partitions[0] for name, partitions in data.DATASETS.items()}}
 
 
-# --- Metrics: per-pair I and U, oIoU, mIoU, Prec@X (DESIGN.md §6) ---
+# --- Metrics: per-pair I and U, oIoU, mIoU, Prec@X ---
 
 def intersection_union(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixel counts of intersection and union for each (prediction, ground truth) pair.
@@ -96,7 +94,7 @@ def pair_iou(inter: torch.Tensor, union: torch.Tensor) -> torch.Tensor:
     """
     inter = inter.double()
     union = union.double()
-    # NOTE(paper): empty GT + empty prediction = IoU 1 (ReLA's gRefCOCO rule, DESIGN.md §6).
+    # NOTE(paper): empty GT + empty prediction = IoU 1 (ReLA's gRefCOCO rule).
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
@@ -179,289 +177,6 @@ class RISMetrics:
         for t, h in zip(self.thresholds, self.hits):
             out[f"Prec@{t:g}"] = h / self.count if self.count else nan
         return out
-
-
-# --- Shared helpers (device, precision, model rebuilding); train.py imports them ---
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' → CUDA when available, else CPU; anything else is passed to torch.device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def setup_distributed(device_name: str = "auto") -> tuple[int, int, torch.device]:
-    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA).
-
-    Args:
-        device_name: auto | cpu | cuda | cuda:N (see `resolve_device`); under torchrun on CUDA
-            each process takes the GPU of its LOCAL_RANK.
-
-    Returns:
-        (rank, world size, this process's device).
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(device_name)
-    if world <= 1:
-        return 0, 1, device
-    rank = int(os.environ["RANK"])
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-# Precision names accepted by train.py and evaluate.py (the one table; `check_precision` the one check).
-PRECISIONS = ("auto", "bf16", "fp32")
-
-
-def check_precision(precision: str) -> str:
-    """Return `precision` when it is one of PRECISIONS.
-
-    Raises:
-        ValueError: an unknown precision name (the message lists the valid ones).
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return precision
-
-
-def effective_precision(device: torch.device, precision: str) -> str:
-    """The precision that really runs: "bf16" or "fp32" ("auto" = bf16 on CUDA, fp32 elsewhere).
-
-    Raises:
-        ValueError: an unknown precision name.
-    """
-    # NOTE(paper): bf16 autocast on GPU is DESIGN.md §7's default; CPU autocast is slow, so fp32 there.
-    if check_precision(precision) == "auto":
-        return "bf16" if torch.device(device).type == "cuda" else "fp32"
-    return precision
-
-
-def autocast(device: torch.device, precision: str = "auto"):
-    """Autocast context for a precision name (see `effective_precision`).
-
-    Raises:
-        ValueError: an unknown precision name.
-    """
-    if effective_precision(device, precision) == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-
-
-def build_model(config: dict, *, sam_checkpoint: str | None = None, clip_checkpoint: str | None = None) -> maris.MARIS:
-    """Build MARIS from a config dict (`maris.build_maris` seeds the build with `init_seed`).
-
-    Without SAM/CLIP weights the frozen encoders are random; the seeded build makes them the same
-    random encoders in `train.py` and here, so a checkpoint (trainable weights only) still fits.
-
-    Args:
-        config: `maris.config_to_dict` output.
-        sam_checkpoint / clip_checkpoint: encoder weight files or None.
-
-    Returns:
-        The model on CPU.
-    """
-    return maris.build_maris(maris.config_from_dict(config), sam_checkpoint=sam_checkpoint,
-                             clip_checkpoint=clip_checkpoint)
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a train.py checkpoint (plain tensors and Python values only: weights_only loading).
-
-    Raises:
-        SystemExit: the file is missing or is not a train.py checkpoint.
-    """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise SystemExit(f"error: checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    missing = [k for k in ("config", "options", "model") if k not in ckpt]
-    if missing:
-        raise SystemExit(f"error: {path} is not a train.py checkpoint (missing keys {missing})")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt: dict, *, sam_checkpoint: str | None = None,
-                          clip_checkpoint: str | None = None) -> maris.MARIS:
-    """Rebuild the trained model from a checkpoint alone (plus the encoder weights it names).
-
-    Args:
-        ckpt: `read_checkpoint` output.
-        sam_checkpoint / clip_checkpoint: override the encoder weight paths stored in the checkpoint.
-
-    Returns:
-        The model on CPU in eval mode.
-
-    Raises:
-        SystemExit: an encoder weight file named by the checkpoint is not on this machine.
-    """
-    opts = ckpt["options"]
-    sam = sam_checkpoint or opts.get("sam_checkpoint")
-    clip = clip_checkpoint or opts.get("clip_checkpoint")
-    for flag, path in (("--sam-checkpoint", sam), ("--clip-checkpoint", clip)):
-        if path and not pathlib.Path(path).is_file():
-            raise SystemExit(f"error: the model was trained with encoder weights {path}, which is not here; "
-                             f"pass {flag} with the same file")
-    model = build_model(ckpt["config"], sam_checkpoint=sam, clip_checkpoint=clip)
-    model.load_trainable_state_dict(ckpt["model"])
-    return model.eval()
-
-
-# --- Image inputs of a batch: distinct images, or frozen-encoder features from a cache (§7) ---
-# Batches come from data.collate_images: `images` holds each distinct image of the batch once and
-# `image_index` maps every sentence to its row, so SAM's encoder runs once per distinct image.
-# With a data.FeatureCache the encoder runs once per image for the whole run instead; the
-# helpers below build the cache's fingerprint, open it, and fill it. train.py imports them.
-
-# Encoder settings the cached features depend on (plus the encoder weights' hash and the images).
-ENCODER_FIELDS = ("sam_embed_dim", "sam_depth", "sam_num_heads", "sam_global_attn_indexes", "sam_window_size",
-                  "patch_size", "image_size", "fe_taps", "embed_dim")
-
-
-def image_source(dataset) -> str:
-    """Name of the pictures behind a dataset's image ids (one cache folder per source).
-
-    The RefCOCO family shares COCO train2014 (image id = COCO id), so refcoco, refcoco+ and
-    refcocog share one cache; a shapes split is its own seeded stream of scenes (ids restart at 0).
-    """
-    base = dataset
-    if not isinstance(base, (data.ShapesDataset, data.RefDataset)):
-        base = getattr(dataset, "dataset", dataset)  # train.py's _Head wraps a dataset
-    if isinstance(base, data.ShapesDataset):
-        return f"shapes-{base.split}-seed{base.seed}"
-    if isinstance(base, data.RefDataset):
-        return "mscoco-train2014"
-    raise ValueError(f"no image source known for {type(base).__name__}: the feature cache needs a data.py dataset")
-
-
-def state_dict_sha256(module: torch.nn.Module) -> str:
-    """sha256 over a module's state dict: each key, dtype, shape and tensor bytes, keys sorted.
-
-    Identifies the weights themselves, so a randomly initialised encoder (another --seed) and a
-    loaded checkpoint hash differently. It reads every weight (about 2.5 GB for ViT-H): callers
-    hash a model once per process and pass the result on (`encoder_sha256=` below).
-    """
-    digest = hashlib.sha256()
-    for key, value in sorted(module.state_dict().items()):
-        t = value.detach().to("cpu").contiguous()
-        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes (works for bf16 too)
-    return digest.hexdigest()
-
-
-def encoder_fingerprint(model: maris.MARIS, source: str, *, precision: str = "fp32",
-                        encoder_sha256: str | None = None) -> dict:
-    """Everything the frozen encoder's outputs depend on, for data.FeatureCache's meta.json.
-
-    Args:
-        model: MARIS (its config and image encoder weights).
-        source: `image_source(dataset)`.
-        precision: the autocast the features are computed under ("fp32" or "bf16").
-        encoder_sha256: `state_dict_sha256(model.image_encoder)` when the caller has it already
-            (None: hash the weights now).
-
-    Returns:
-        JSON-able dict: the ENCODER_FIELDS of the config, the encoder weights' sha256, source, precision.
-    """
-    cfg = maris.config_to_dict(model.cfg)
-    if encoder_sha256 is None:
-        encoder_sha256 = state_dict_sha256(model.image_encoder)
-    return {**{k: cfg[k] for k in ENCODER_FIELDS}, "encoder_sha256": encoder_sha256,
-            "images": source, "precision": precision}
-
-
-def open_feature_cache(model: maris.MARIS, dataset, root: str | os.PathLike, *, device: torch.device,
-                       precision: str = "auto", rebuild: bool = False,
-                       encoder_sha256: str | None = None) -> data.FeatureCache:
-    """The feature cache of `dataset`'s pictures under `root/<image source>/`.
-
-    Args:
-        model: MARIS (not DDP-wrapped).  dataset: a data.py dataset (or train.py's _Head of one).
-        root: the cache folder.  device, precision: where and how missing entries are encoded.
-        rebuild: empty a cache built for another encoder instead of refusing it.
-        encoder_sha256: the encoder weights' hash computed once by the caller (`state_dict_sha256`);
-            None hashes them here, which costs a full read of the weights per call.
-
-    Raises:
-        SystemExit: the model has RISAM adapters (its encoder features change as they train), or the
-            folder holds a cache built for another encoder, input size or image source (and not rebuild).
-    """
-    if model.cfg.adapters:
-        raise SystemExit("error: --feature-cache cannot be used with --adapters: RISAM's adapters train inside "
-                         "SAM's image encoder, so its features change every step and cannot be cached")
-    cfg = model.cfg
-    H = W = cfg.image_size // cfg.patch_size
-    source = image_source(dataset)
-    fingerprint = encoder_fingerprint(model, source, precision=effective_precision(device, precision),
-                                      encoder_sha256=encoder_sha256)
-    try:
-        return data.FeatureCache(pathlib.Path(root) / source, fingerprint, neck_shape=(cfg.embed_dim, H, W),
-                                 tap_shape=(H, W, cfg.sam_embed_dim), num_taps=len(cfg.fe_taps), rebuild=rebuild)
-    except ValueError as e:
-        raise SystemExit(f"error: {e} (train.py: --rebuild-feature-cache)") from None
-
-
-@torch.no_grad()
-def encode_images(model: maris.MARIS, dataset, image_ids, *, device: torch.device, batch_size: int,
-                  precision: str = "auto") -> dict:
-    """Run the frozen image encoder on pictures loaded by id (the feature cache's `encode`).
-
-    Args:
-        model: MARIS.  dataset: has `load_image(image_id)`.  image_ids: the ids, in output order.
-        device: where the encoder runs.  batch_size: images per encoder pass.  precision: autocast.
-
-    Returns:
-        dict(neck=(B_img, C, H, W), taps=[(B_img, H, W, D)] * 3) on the CPU in fp16 (the cache's dtype).
-    """
-    size = model.cfg.image_size
-    necks, taps = [], []
-    ids = [int(i) for i in image_ids]
-    for start in range(0, len(ids), batch_size):
-        chunk = ids[start:start + batch_size]
-        pixels = torch.stack([data.transform_image(dataset.load_image(i), size)[0] for i in chunk])  # (b, 3, S, S)
-        with autocast(device, precision):
-            out = model.encode_image(pixels.to(device))
-        necks.append(out["neck"].to("cpu", torch.float16))  # (b, C, H, W)
-        taps.append([t.to("cpu", torch.float16) for t in out["taps"]])  # 3 x (b, H, W, D)
-    return {"neck": torch.cat(necks), "taps": [torch.cat(level) for level in zip(*taps)]}
-
-
-def batch_image_inputs(batch: dict, *, device: torch.device, model: maris.MARIS | None = None,
-                       cache: data.FeatureCache | None = None, dataset=None, batch_size: int = 8,
-                       precision: str = "auto", counter: dict | None = None) -> dict:
-    """The image keyword arguments of MARIS.forward for a `data.collate_images` batch.
-
-    Without a cache: images = the batch's distinct images (B_img, 3, S, S) on the device. With one:
-    image_features = the cached encoder outputs of `batch["image_ids"]`, encoding (and storing)
-    the missing ones first with `encode_images`.
-
-    Args:
-        batch: collate_images output.  device: the model's device.
-        model, cache, dataset: needed with a cache (the encoder and `load_image`).
-        batch_size, precision: of the encoder passes for missing entries.
-        counter: optional dict; counter["encoded"] grows by the images the encoder ran on.
-
-    Returns:
-        dict(images=..., image_features=..., image_index=(B,) long on the device), one of images /
-        image_features None.
-    """
-    index = batch["image_index"].to(device)  # (B,)
-    if cache is None:
-        images = batch["images"].to(device, non_blocking=True)  # (B_img, 3, S, S)
-        if counter is not None:
-            counter["encoded"] = counter.get("encoded", 0) + images.shape[0]
-        return dict(images=images, image_features=None, image_index=index)
-
-    def encode(missing: list[int]) -> dict:
-        if counter is not None:
-            counter["encoded"] = counter.get("encoded", 0) + len(missing)
-        return encode_images(model, dataset, missing, device=device, batch_size=batch_size, precision=precision)
-
-    features = cache.get(batch["image_ids"].tolist(), encode)  # neck (B_img, C, H, W), taps (B_img, H, W, D)
-    return dict(images=None, image_features=features, image_index=index)
 
 
 # --- From mask logits to a scored binary mask ---
@@ -566,7 +281,7 @@ def draw_overlay(image: Image.Image, pred: np.ndarray, caption: str, *, gt: np.n
 # --- Evaluating a model on a dataset split ---
 
 def eval_batches(image_ids, batch_size: int, *, rank: int = 0, world: int = 1) -> list[list[int]]:
-    """Evaluation batches: every item once, whole images packed together (DESIGN.md §7).
+    """Evaluation batches: every item once, whole images packed together.
 
     The items are grouped by image (first-seen image order, item order inside an image). Images
     are packed greedily into batches of at most `batch_size` items: an image that does not fit
@@ -631,13 +346,14 @@ def evaluate_model(model: torch.nn.Module, dataset, *, batch_size: int = 8, devi
         workers: DataLoader worker processes.
         vis: overlay PNGs written for the first `vis` items (rank 0 only) into `vis_dir`.
         progress: show a tqdm bar.  desc: the bar's label.
-        cache: optional `open_feature_cache(model, dataset, ...)`: the frozen encoder's outputs come
-            from it (the dataset may then be built with load_images=False).
+        cache: optional `data.open_feature_cache(model, dataset, ...)`: the frozen encoder's outputs
+            come from it (the dataset may then be built with load_images=False).
 
     Returns:
         `RISMetrics.compute()` dict.
     """
     device = torch.device(device)
+    precision = maris.effective_precision(device, precision)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     batches = eval_batches(dataset.image_ids, batch_size, rank=rank, world=world)
     # A fixed generator: creating the loader must not draw from the global RNG (exact resume in train.py).
@@ -653,10 +369,10 @@ def evaluate_model(model: torch.nn.Module, dataset, *, batch_size: int = 8, devi
         vis_dir.mkdir(parents=True, exist_ok=True)
     try:
         for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
-            inputs = batch_image_inputs(batch, device=device, model=model, cache=cache, dataset=dataset,
-                                        batch_size=batch_size, precision=precision)
+            inputs, _ = data.batch_image_inputs(batch, device=device, model=model, cache=cache, dataset=dataset,
+                                                batch_size=batch_size, precision=precision)
             extra = {} if cache is None else {"image_features": inputs["image_features"]}
-            with autocast(device, precision):
+            with maris.autocast(device, precision):
                 logits = model(inputs["images"], batch["ids"].to(device), batch["word_mask"].to(device),
                                image_index=inputs["image_index"], **extra)  # (B, 1, 4H, 4W)
             preds = logits_to_masks(logits, batch["input_size"], batch["orig_size"], size=size,
@@ -728,45 +444,39 @@ def format_table(results: dict[str, dict]) -> str:
 
 # --- Command line ---
 
-class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show each option's default, unless its help text already says what the default is."""
+@dataclass
+class EvalOptions:
+    """Every command-line option of evaluate.py (flag = field name with '-' for '_')."""
 
-    def _get_help_string(self, action):
-        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
+    ckpt: str = maris.option(help="checkpoint written by train.py (best.pt / last.pt)")
+    dataset: str | None = maris.option(None, "shapes | refcoco | refcoco+ | refcocog", auto="the checkpoint's")
+    split_by: str | None = maris.option(None, "unc | google | umd", auto="the checkpoint's")
+    split: list | None = maris.option(None, "split(s) to score; repeatable or comma-separated",
+                                      auto="every evaluation split of the dataset", multiple=True)
+    data_root: str | None = maris.option(None, "refer-layout data root", auto="the checkpoint's")
+    image_dir: str | None = maris.option(None, "COCO train2014 folder", auto="the checkpoint's")
+    sam_checkpoint: str | None = maris.option(None, "SAM weights", auto="the path stored in the checkpoint")
+    clip_checkpoint: str | None = maris.option(None, "CLIP weights", auto="the path stored in the checkpoint")
+    batch_size: int = maris.option(8, "sentences per forward pass")
+    workers: int = maris.option(0, "DataLoader worker processes")
+    device: str = maris.option("auto", "auto | cpu | cuda | cuda:N")
+    precision: str = maris.option("auto", "auto = bf16 autocast on CUDA, fp32 on CPU", choices=maris.PRECISIONS)
+    eval_size: int | None = maris.option(None, "score on an R x R square resize (480 = LAVT/MagNet)",
+                                         auto="the original resolution")
+    threshold: float = maris.option(0.5, "foreground where sigmoid(logit) > threshold")
+    vis: int = maris.option(0, "write overlay PNGs of the first N pairs of each split")
+    out_dir: str | None = maris.option(None, "where the JSON and overlays go", auto="the checkpoint's folder")
+    progress: bool = maris.option(True, "show progress bars")
+    feature_cache: str | None = maris.option(
+        None, "read SAM's frozen encoder outputs from this cache folder (written on first use; shared with "
+              "train.py --feature-cache; not with adapters)", auto="off")
+    image: str | None = maris.option(None, "single-image mode: an image file", auto="split scoring")
+    text: str | None = maris.option(None, "single-image mode: the referring expression", auto="none")
+    out: str | None = maris.option(None, "single-image mode: overlay PNG path", auto="<image>_overlay.png")
+    mask_out: str | None = maris.option(None, "single-image mode: mask PNG path", auto="<out>_mask.png")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """evaluate.py's options."""
-    p = argparse.ArgumentParser(description="Score a MARIS checkpoint (oIoU, mIoU, Prec@X) or segment one image.",
-                                formatter_class=_DefaultsFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py (best.pt / last.pt)")
-    p.add_argument("--dataset", default=None, help="shapes | refcoco | refcoco+ | refcocog (default: the checkpoint's)")
-    p.add_argument("--split-by", default=None, help="unc | google | umd (default: the checkpoint's)")
-    p.add_argument("--split", action="append", default=None,
-                   help="split(s) to score; repeatable or comma-separated (default: every eval split of the dataset)")
-    p.add_argument("--data-root", default=None, help="refer-layout data root (default: the checkpoint's)")
-    p.add_argument("--image-dir", default=None, help="COCO train2014 folder (default: the checkpoint's)")
-    p.add_argument("--sam-checkpoint", default=None, help="SAM weights (default: the path stored in the checkpoint)")
-    p.add_argument("--clip-checkpoint", default=None, help="CLIP weights (default: the path stored in the checkpoint)")
-    p.add_argument("--batch-size", type=int, default=8, help="sentences per forward pass")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto = bf16 autocast on CUDA, fp32 on CPU")
-    p.add_argument("--eval-size", type=int, default=None,
-                   help="score on an R x R square resize (480 = LAVT/MagNet) instead of the original resolution")
-    p.add_argument("--threshold", type=float, default=0.5, help="foreground where sigmoid(logit) > threshold")
-    p.add_argument("--vis", type=int, default=0, help="write overlay PNGs of the first N pairs of each split")
-    p.add_argument("--out-dir", default=None, help="where the JSON and overlays go (default: the checkpoint's folder)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    p.add_argument("--feature-cache", default=None, metavar="DIR",
-                   help="read SAM's frozen encoder outputs from this cache (written on first use; shared with "
-                        "train.py --feature-cache; not with adapters)")
-    p.add_argument("--image", default=None, help="single-image mode: an image file")
-    p.add_argument("--text", default=None, help="single-image mode: the referring expression")
-    p.add_argument("--out", default=None, help="single-image mode: overlay PNG path (default: <image>_overlay.png)")
-    p.add_argument("--mask-out", default=None, help="single-image mode: mask PNG path (default: <out>_mask.png)")
-    return p
+DESCRIPTION = "Score a MARIS checkpoint (oIoU, mIoU, Prec@X) or segment one image."
 
 
 def parse_splits(values: list[str] | None, dataset: str, split_by: str | None) -> list[str]:
@@ -790,7 +500,7 @@ def predict_image(model: maris.MARIS, image: Image.Image, text: str, *, device: 
     size = model.cfg.image_size
     pixels, (h2, w2) = data.transform_image(image, size)  # (3, S, S)
     ids, word_mask = data.tokenize([text], context_length)  # (1, L), (1, L)
-    with autocast(device, precision):
+    with maris.autocast(device, precision):
         logits = model(pixels[None].to(device), ids.to(device), word_mask.to(device))  # (1, 1, 4H, 4W)
     mask = logits_to_masks(logits, torch.tensor([[h2, w2]]), torch.tensor([[image.height, image.width]]),
                            size=size, threshold=threshold)[0]
@@ -802,91 +512,112 @@ def main(argv: list[str] | None = None) -> dict:
 
     Metrics of a split with no pairs are None (null in the JSON, "-" in the table).
     """
-    args = build_parser().parse_args(argv)
-    ckpt = read_checkpoint(args.ckpt)
-    # Under torchrun every rank scores its share of each split; rank 0 prints and writes.
-    rank, world, device = setup_distributed(args.device)
+    opts, _ = maris.parse_options(EvalOptions, argv, DESCRIPTION)
     try:
-        return _run(args, ckpt, rank=rank, world=world, device=device)
+        ckpt = maris.read_checkpoint(opts.ckpt)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    # Under torchrun every rank scores its share of each split; rank 0 prints and writes.
+    rank, world, device = maris.setup_distributed(opts.device)
+    try:
+        try:
+            model = maris.model_from_checkpoint(ckpt, sam_checkpoint=opts.sam_checkpoint,
+                                                clip_checkpoint=opts.clip_checkpoint).to(device)
+        except FileNotFoundError as e:
+            raise SystemExit(f"error: {e}") from None
+        if opts.image is not None or opts.text is not None:
+            if world > 1:
+                raise SystemExit("error: single-image mode runs in one process; run it without torchrun")
+            return segment_one_image(opts, model, device=device)
+        return score_splits(opts, ckpt, model, rank=rank, device=device)
     finally:  # every rank leaves the process group, also after an error (as train.main does)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _run(args: argparse.Namespace, ckpt: dict, *, rank: int, world: int, device: torch.device) -> dict:
-    """The body of `main` once the process group is joined (single-image mode or split scoring)."""
-    opts = ckpt["options"]
-    model = model_from_checkpoint(ckpt, sam_checkpoint=args.sam_checkpoint,
-                                  clip_checkpoint=args.clip_checkpoint).to(device)
-    cfg = maris.config_from_dict(ckpt["config"])
-    out_dir = pathlib.Path(args.out_dir) if args.out_dir else pathlib.Path(args.ckpt).resolve().parent
+def segment_one_image(opts: EvalOptions, model: maris.MARIS, *, device: torch.device) -> dict:
+    """Single-image mode: write the overlay picture and the mask PNG of `opts.text` in `opts.image`."""
+    if opts.image is None or opts.text is None:
+        raise SystemExit("error: single-image mode needs both --image and --text")
+    if not pathlib.Path(opts.image).is_file():
+        raise SystemExit(f"error: image {opts.image} does not exist")
+    image = Image.open(opts.image).convert("RGB")
+    mask = predict_image(model, image, opts.text, device=device, context_length=model.cfg.context_length,
+                         precision=opts.precision, threshold=opts.threshold)
+    image_path = pathlib.Path(opts.image)
+    out = pathlib.Path(opts.out or image_path.with_name(image_path.stem + "_overlay.png"))
+    mask_out = pathlib.Path(opts.mask_out or out.with_name(out.stem + "_mask.png"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    mask_out.parent.mkdir(parents=True, exist_ok=True)
+    draw_overlay(image, mask, opts.text).save(out)
+    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(mask_out)
+    print(f"overlay: {out}\nmask:    {mask_out}  ({int(mask.sum())} foreground pixels of {mask.size})")
+    return {"overlay": str(out), "mask": str(mask_out)}
 
-    if args.image is not None or args.text is not None:
-        if world > 1:
-            raise SystemExit("error: single-image mode runs in one process; run it without torchrun")
-        if args.image is None or args.text is None:
-            raise SystemExit("error: single-image mode needs both --image and --text")
-        if not pathlib.Path(args.image).is_file():
-            raise SystemExit(f"error: image {args.image} does not exist")
-        image = Image.open(args.image).convert("RGB")
-        mask = predict_image(model, image, args.text, device=device, context_length=cfg.context_length,
-                             precision=args.precision, threshold=args.threshold)
-        image_path = pathlib.Path(args.image)
-        out = pathlib.Path(args.out or image_path.with_name(image_path.stem + "_overlay.png"))
-        mask_out = pathlib.Path(args.mask_out or out.with_name(out.stem + "_mask.png"))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        mask_out.parent.mkdir(parents=True, exist_ok=True)
-        draw_overlay(image, mask, args.text).save(out)
-        Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(mask_out)
-        print(f"overlay: {out}\nmask:    {mask_out}  ({int(mask.sum())} foreground pixels of {mask.size})")
-        return {"overlay": str(out), "mask": str(mask_out)}
 
-    dataset_name = args.dataset or opts.get("dataset", "shapes")
-    if args.dataset and args.dataset != opts.get("dataset"):
-        split_by = args.split_by or DEFAULT_SPLIT_BY.get(dataset_name)
+def score_splits(opts: EvalOptions, ckpt: dict, model: maris.MARIS, *, rank: int, device: torch.device) -> dict:
+    """Score every requested split; rank 0 prints the table and writes the JSON report."""
+    stored, cfg = ckpt["options"], model.cfg
+    dataset_name = opts.dataset or stored.get("dataset", "shapes")
+    if opts.dataset and opts.dataset != stored.get("dataset"):
+        split_by = opts.split_by or DEFAULT_SPLIT_BY.get(dataset_name)
     else:
-        split_by = args.split_by or opts.get("split_by") or DEFAULT_SPLIT_BY.get(dataset_name)
-    data_root = args.data_root or opts.get("data_root")
-    image_dir = args.image_dir or opts.get("image_dir")
-    splits = parse_splits(args.split, dataset_name, split_by)
-    proto = protocol(eval_size=args.eval_size, threshold=args.threshold, image_size=cfg.image_size)
+        split_by = opts.split_by or stored.get("split_by") or DEFAULT_SPLIT_BY.get(dataset_name)
+    splits = parse_splits(opts.split, dataset_name, split_by)
+    proto = protocol(eval_size=opts.eval_size, threshold=opts.threshold, image_size=cfg.image_size)
+    out_dir = pathlib.Path(opts.out_dir) if opts.out_dir else pathlib.Path(opts.ckpt).resolve().parent
     results: dict[str, dict] = {}
     start = time.time()
     # The encoder weights' hash (a full read of them) is taken once, not once per split's cache.
-    encoder_sha256 = (state_dict_sha256(model.image_encoder)
-                      if args.feature_cache is not None and not cfg.adapters else None)
+    encoder_sha256 = (data.state_dict_sha256(model.image_encoder)
+                      if opts.feature_cache is not None and not cfg.adapters else None)
     for split in splits:
         try:
             # With a feature cache the pixels are only read to fill missing cache entries.
-            ds = data.build_dataset(dataset_name, split, root=data_root, split_by=split_by,
-                                    image_size=cfg.image_size, context_length=cfg.context_length,
-                                    image_dir=image_dir, load_images=args.feature_cache is None,
+            ds = data.build_dataset(dataset_name, split, root=opts.data_root or stored.get("data_root"),
+                                    split_by=split_by, image_size=cfg.image_size, context_length=cfg.context_length,
+                                    image_dir=opts.image_dir or stored.get("image_dir"),
+                                    load_images=opts.feature_cache is None,
                                     load_masks=False)  # scored against original_mask(index)
         except (FileNotFoundError, ValueError, KeyError) as e:
             raise SystemExit(f"error: {e}") from None
-        cache = None if args.feature_cache is None else open_feature_cache(
-            model, ds, args.feature_cache, device=device, precision=args.precision, encoder_sha256=encoder_sha256)
+        cache = None if opts.feature_cache is None else open_cache(model, ds, opts, device, encoder_sha256)
         results[split] = evaluate_model(
-            model, ds, batch_size=args.batch_size, device=device, eval_size=args.eval_size,
-            threshold=args.threshold, precision=args.precision, workers=args.workers,
-            vis=args.vis, vis_dir=out_dir / "vis" / split, progress=not args.no_progress and rank == 0, desc=split,
+            model, ds, batch_size=opts.batch_size, device=device, eval_size=opts.eval_size,
+            threshold=opts.threshold, precision=opts.precision, workers=opts.workers,
+            vis=opts.vis, vis_dir=out_dir / "vis" / split, progress=opts.progress and rank == 0, desc=split,
             cache=cache)
     results = without_nan(results)  # a split with no pairs has no score: None, not NaN
-    if rank != 0:  # every rank holds the all-reduced results; one writes them
-        return results
+    if rank == 0:  # every rank holds the all-reduced results; one writes them
+        write_report(opts, ckpt, results, proto, dataset_name, split_by, out_dir, time.time() - start)
+    return results
+
+
+def open_cache(model: maris.MARIS, dataset, opts: EvalOptions, device: torch.device,
+               encoder_sha256: str | None) -> data.FeatureCache:
+    """`data.open_feature_cache` for `--feature-cache`, its refusals turned into command-line errors."""
+    try:
+        return data.open_feature_cache(model, dataset, opts.feature_cache, encoder_sha256=encoder_sha256,
+                                       precision=maris.effective_precision(device, opts.precision))
+    except ValueError as e:
+        raise SystemExit(f"error: {e} (train.py: --rebuild-feature-cache)") from None
+
+
+def write_report(opts: EvalOptions, ckpt: dict, results: dict, proto: dict, dataset_name: str,
+                 split_by: str | None, out_dir: pathlib.Path, seconds: float) -> None:
+    """Print the table and the protocol; write them to <out_dir>/eval_<dataset>[_<split_by>][_sq<R>].json."""
     title = f"{dataset_name}" + (f" ({split_by})" if split_by and dataset_name != "shapes" else "")
-    print(f"{title}  checkpoint {args.ckpt}  step {ckpt.get('step', '?')}")
+    print(f"{title}  checkpoint {opts.ckpt}  step {ckpt.get('step', '?')}")
     print(format_table(results))
     print("protocol: " + "; ".join(f"{k}: {v}" for k, v in proto.items() if v is not None))
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"eval_{dataset_name}" + (f"_{split_by}" if split_by and dataset_name != "shapes" else "")
-    name += "" if args.eval_size is None else f"_sq{args.eval_size}"
-    report = {"checkpoint": str(args.ckpt), "step": ckpt.get("step"), "dataset": dataset_name, "split_by": split_by,
-              "protocol": proto, "results": results, "seconds": round(time.time() - start, 2)}
+    name += "" if opts.eval_size is None else f"_sq{opts.eval_size}"
+    report = {"checkpoint": str(opts.ckpt), "step": ckpt.get("step"), "dataset": dataset_name, "split_by": split_by,
+              "protocol": proto, "results": results, "seconds": round(seconds, 2)}
     json_path = out_dir / f"{name}.json"
     json_path.write_text(json.dumps(report, indent=2, allow_nan=False))
     print(f"wrote {json_path}")
-    return results
 
 
 if __name__ == "__main__":

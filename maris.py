@@ -1,24 +1,26 @@
 """MARIS: Referring Image Segmentation via Mutual-Aware Attention Features (arXiv 2311.15727).
 
-The whole model in one file, in data-flow order (DESIGN.md §3-§4):
+The whole model in one file, in data-flow order (the paper's Fig. 2):
 
     image (B, 3, S, S) --SAM ViT (frozen)--> taps (B, H, W, D) x 3 + neck F_sam (B, C, H, W)
     ids (B, L) --CLIP text tower (frozen)--> per-word F_w (B, L, E), sentence F_s (B, E_proj)
-    Feature Enhancement (§4.3)          --> F_v (B, N, C)
+    Feature Enhancement                 --> F_v (B, N, C)
     Linear(E -> C)(F_w)                 --> F_l (B, L, C)
-    K x Mutual-Aware Attention (§4.4)   --> F_v' (B, N, C), F_l' (B, L, C)
-    Mutual-Aware Mask Decoder (§4.5)    --> mask logits (B, 1, 4H, 4W)
-    focal + dice losses (§4.6) on the logits upsampled to (S, S), padding ignored
+    K x Mutual-Aware Attention (Fig. 4) --> F_v' (B, N, C), F_l' (B, L, C)
+    Mutual-Aware Mask Decoder (Fig. 5)  --> mask logits (B, 1, 4H, 4W)
+    focal + dice losses on the logits upsampled to (S, S), padding ignored
 
 Optional, all off by default (with them off the model and its training are exactly MARIS):
-    RISAM's bottleneck adapters in every SAM block (§4.7), the only trainable encoder part;
-    MagNet's training-only Mask Grounding and cross-modal alignment losses (Chng et al.,
-    CVPR 2024, arXiv 2312.12198; §4.6), computed by `training_loss` with `MagNetHeads`.
+    RISAM's bottleneck adapters in every SAM block (the paper's later version), the only trainable
+    encoder part; MagNet's training-only Mask Grounding and cross-modal alignment losses (Chng et al.,
+    CVPR 2024, arXiv 2312.12198), computed by `TrainStep` with `MagNetHeads`.
 
 Shape letters, used in every comment of this file:
     B batch (sentences), B_img distinct images, S input side, H = W = S / 16 feature side,
     N = H * W visual tokens, D SAM ViT width, L text tokens, E CLIP text width,
-    E_proj CLIP embedding width, C fusion width (SAM's prompt width), h heads, d = C / h.
+    E_proj CLIP embedding width, C fusion width (SAM's prompt width), h heads, d = C / h,
+    T tokens of an attention (Tq queries, Tk keys), V vocabulary size, M masked words of a batch,
+    P width of the alignment space.
 
 Every detail the paper leaves open is a `MarisConfig` field marked `# NOTE(paper):`.
 SAM's image encoder is used from the `segment-anything` package (Apache-2.0); the mask decoder
@@ -28,11 +30,14 @@ and the CLIP text tower are written here with attribute names that load the rele
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
 import math
+import os
 import sys
+import typing
 import warnings
 import zipfile
 from collections import OrderedDict
@@ -42,19 +47,20 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-# --- segment-anything, modeling sub-package only --------------------------------------------
+# --- segment-anything ---------------------------------------------------------------------------
 
 def import_sam_modeling() -> ModuleType:
-    """Import `segment_anything.modeling` without running `segment_anything/__init__.py`.
+    """Import `segment_anything.modeling`, running the package's `__init__` whenever it can.
 
-    The package's top-level `__init__` imports its predictor utilities, which need torchvision;
-    the model code in `segment_anything.modeling` needs torch alone. We register a bare package
-    module for `segment_anything` (its `__path__` set, its `__init__` never executed), after
-    which the sub-modules import normally, `segment_anything.build_sam` included.
+    The package's `__init__` imports its predictor utilities, which need torchvision; the model code in
+    `segment_anything.modeling` needs torch alone. When the normal import fails for want of a working
+    torchvision, a bare package module is registered for `segment_anything` (`__path__` set, `__init__`
+    never run) and the sub-modules import under it, `segment_anything.build_sam` included.
 
     Returns:
         The `segment_anything.modeling` module.
@@ -62,15 +68,24 @@ def import_sam_modeling() -> ModuleType:
     Raises:
         ImportError: the segment-anything package is not installed.
     """
-    if "segment_anything.modeling" in sys.modules:
-        return sys.modules["segment_anything.modeling"]
-    if "segment_anything" not in sys.modules:
-        spec = importlib.util.find_spec("segment_anything")  # locates, does not execute
-        if spec is None or spec.submodule_search_locations is None:
-            raise ImportError("segment-anything is not installed: pip install segment-anything")
-        # module_from_spec sets __path__/__spec__ but does not run __init__.py.
-        sys.modules["segment_anything"] = importlib.util.module_from_spec(spec)
+    try:
+        importlib.import_module("segment_anything")
+    except ModuleNotFoundError as e:
+        if e.name == "segment_anything":
+            raise ImportError("segment-anything is not installed: pip install segment-anything") from None
+        _register_bare_sam_package()
+    except (ImportError, RuntimeError, OSError):  # a torchvision that is installed but broken
+        _register_bare_sam_package()
     return importlib.import_module("segment_anything.modeling")
+
+
+def _register_bare_sam_package() -> None:
+    """Put an un-initialised `segment_anything` package module in sys.modules (see `import_sam_modeling`)."""
+    # Sub-modules a failed `__init__` left behind would belong to no package: import them afresh.
+    for name in [n for n in sys.modules if n == "segment_anything" or n.startswith("segment_anything.")]:
+        del sys.modules[name]
+    spec = importlib.util.find_spec("segment_anything")  # locates, does not execute
+    sys.modules["segment_anything"] = importlib.util.module_from_spec(spec)  # sets __path__, runs nothing
 
 
 _sam = import_sam_modeling()
@@ -86,7 +101,7 @@ SamMLP = _sam.mask_decoder.MLP  # `layers.{i}` Linear stack with ReLU, SAM's hyp
 class MarisConfig:
     """All sizes and reconstruction choices of MARIS; only `build_maris` reads it."""
 
-    # SAM image encoder (§4.1); defaults = SAM ViT-B at S = 1024.
+    # SAM image encoder; defaults = SAM ViT-B at S = 1024.
     image_size: int = 1024  # S
     patch_size: int = 16  # SAM's; H = S / patch_size
     sam_embed_dim: int = 768  # D
@@ -95,14 +110,14 @@ class MarisConfig:
     sam_global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
     sam_window_size: int = 14
     # NOTE(paper): the paper says "shallow, middle and deep" SAM features; we tap the outputs of
-    # the 2nd, 3rd and 4th global-attention blocks (DESIGN §4.3).
+    # the 2nd, 3rd and 4th global-attention blocks.
     fe_taps: tuple[int, ...] = (5, 8, 11)
     # NOTE(paper): the last Feature Enhancement conv starts at zero, so at initialisation
     # F_v == SAM's own image embedding.
     fe_zero_init: bool = True
     embed_dim: int = 256  # C, SAM's prompt width (must be 256 to load SAM's neck/decoder)
 
-    # CLIP text tower (§4.2); defaults = CLIP ViT-B/16's.
+    # CLIP text tower; defaults = CLIP ViT-B/16's.
     vocab_size: int = 49408
     text_context_length: int = 77  # rows of CLIP's positional_embedding
     text_width: int = 512  # E
@@ -111,7 +126,7 @@ class MarisConfig:
     text_embed_dim: int = 512  # E_proj
     context_length: int = 20  # L used by the datasets (<= text_context_length)
 
-    # Mutual-Aware Attention (§4.4).
+    # Mutual-Aware Attention (Fig. 4).
     maa_depth: int = 2  # K
     maa_heads: int = 8
     maa_mlp_ratio: float = 4.0  # FFN width = ratio * C
@@ -119,7 +134,7 @@ class MarisConfig:
     # added to the words where they form keys/queries (like SAM's PE), not to the values.
     word_pos_std: float = 0.02
 
-    # Mutual-Aware Mask Decoder (§4.5), SAM's two-way transformer sizes.
+    # Mutual-Aware Mask Decoder (Fig. 5), SAM's two-way transformer sizes.
     decoder_depth: int = 2
     decoder_heads: int = 8
     decoder_mlp_dim: int = 2048
@@ -130,7 +145,7 @@ class MarisConfig:
     # NOTE(paper): SAM's mask-decoder weights initialise ours where names and shapes match.
     load_sam_mask_decoder: bool = True
 
-    # Losses (§4.6).
+    # Losses.
     # NOTE(paper): focal : dice = 20 : 1 is SAM's ratio; the paper does not give its weights.
     loss_focal_weight: float = 20.0
     loss_dice_weight: float = 1.0
@@ -138,7 +153,7 @@ class MarisConfig:
     focal_gamma: float = 2.0
     dice_smooth: float = 1.0  # added to numerator and denominator: empty-vs-empty scores 0
 
-    # MagNet's training add-ons (Chng et al., CVPR 2024; DESIGN §4.6), all off by default: with
+    # MagNet's training add-ons (Chng et al., CVPR 2024), all off by default: with
     # both weights at 0 training is exactly MARIS. Training-only heads, see `MagNetHeads`.
     mask_grounding_weight: float = 0.0  # weight of the Mask Grounding cross-entropy
     # NOTE(paper): the share of real word tokens masked, rounded, at least one per sentence
@@ -163,7 +178,7 @@ class MarisConfig:
     alignment_temperature: float = 0.07
     alignment_dim: int = 256  # width of the shared projection space of F_s and F_v' pixels
 
-    # RISAM's parameter-efficient fine-tuning of SAM's encoder (DESIGN §4.7), off by default.
+    # RISAM's parameter-efficient fine-tuning of SAM's encoder, off by default.
     adapters: bool = False
     # NOTE(paper): bottleneck width = round(D * adapter_ratio) (RISAM's D -> D/4 -> D).
     adapter_ratio: float = 0.25
@@ -225,7 +240,7 @@ def config_from_dict(d: dict) -> MarisConfig:
     return MarisConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-# --- Image encoder: SAM ViT (frozen, §4.1) -----------------------------------------------------
+# --- Image encoder: SAM ViT (frozen) ----------------------------------------------------------
 
 def build_sam_image_encoder(*, image_size: int, patch_size: int, embed_dim: int, depth: int,
                             num_heads: int, global_attn_indexes: tuple[int, ...],
@@ -269,7 +284,7 @@ def sam_encoder_taps(encoder: nn.Module, images: Tensor, taps: tuple[int, ...]
     return neck, [kept[i] for i in taps]
 
 
-# --- RISAM adapters on SAM's ViT blocks (§4.7) ------------------------------------------------
+# --- RISAM adapters on SAM's ViT blocks -------------------------------------------------------
 
 class BottleneckAdapter(nn.Module):
     """Bottleneck adapter (Houlsby et al. 2019), RISAM's parameter-efficient fine-tuning of SAM.
@@ -331,7 +346,7 @@ def attach_adapters(encoder: nn.Module, *, ratio: float) -> nn.ModuleList:
     return adapters
 
 
-# --- Text encoder: CLIP text tower (frozen, §4.2) -------------------------------------------
+# --- Text encoder: CLIP text tower (frozen) ------------------------------------------------
 
 class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP was trained with."""
@@ -375,7 +390,7 @@ class TextTransformer(nn.Module):
 
 
 class CLIPTextEncoder(nn.Module):
-    """CLIP's text tower (Radford et al. 2021), the linguistic encoder of MARIS (§3.1).
+    """CLIP's text tower (Radford et al. 2021), the linguistic encoder of MARIS (Fig. 2).
 
     Per-word features F_w are the `ln_final` outputs; the sentence feature F_s is the EOT
     position's feature times `text_projection`, CLIP's own sentence embedding. The attention is
@@ -421,7 +436,7 @@ class CLIPTextEncoder(nn.Module):
         return x, sentence
 
 
-# --- Feature Enhancement (§4.3) ---------------------------------------------------------------
+# --- Feature Enhancement (Fig. 2) -------------------------------------------------------------
 
 class FeatureEnhancement(nn.Module):
     """Feature Enhancement: fuse shallow/middle/deep SAM features into the image embedding.
@@ -435,7 +450,7 @@ class FeatureEnhancement(nn.Module):
         self.tap_norms = nn.ModuleList(nn.LayerNorm(in_dim) for _ in range(num_taps))
         self.tap_projs = nn.ModuleList(nn.Linear(in_dim, dim) for _ in range(num_taps))
         # NOTE(paper): the fusion layout (1x1 -> 3x3 -> LN2d -> GELU -> 1x1) is our
-        # reconstruction of the paper's "global and local" fusion (DESIGN §4.3).
+        # reconstruction of the paper's "global and local" fusion.
         self.fuse = nn.Sequential(
             nn.Conv2d(num_taps * dim, dim, kernel_size=1),  # mix the taps
             nn.Conv2d(dim, dim, kernel_size=3, padding=1),  # local context
@@ -455,7 +470,7 @@ class FeatureEnhancement(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, N, C)
 
 
-# --- Mutual-Aware Attention (Fig. 4, §4.4) --------------------------------------------------
+# --- Mutual-Aware Attention (Fig. 4) --------------------------------------------------------
 
 def _split_heads(x: Tensor, heads: int) -> Tensor:
     """(B, T, h*d) -> (B, h, T, d)."""
@@ -557,7 +572,7 @@ class MutualAwareAttention(nn.Module):
         return visual, words
 
 
-# --- Mutual-Aware Mask Decoder (Fig. 5, §4.5) --------------------------------------------------
+# --- Mutual-Aware Mask Decoder (Fig. 5) --------------------------------------------------------
 
 class MaskedAttention(nn.Module):
     """SAM's decoder attention (q/k/v/out projections, internal width C / downsample) with an
@@ -770,11 +785,11 @@ class MARIS(nn.Module):
             dim=C, sentence_dim=cfg.text_embed_dim, depth=cfg.decoder_depth,
             num_heads=cfg.decoder_heads, mlp_dim=cfg.decoder_mlp_dim,
             downsample_rate=cfg.decoder_attention_downsample_rate)
-        # Frozen encoders (§4.1, §4.2): no gradients, always in eval mode (see `train`).
+        # Frozen encoders: no gradients, always in eval mode (see `train`).
         for module in (self.image_encoder, self.text_encoder):
             module.requires_grad_(False)
             module.eval()
-        # RISAM adapters (§4.7): the only trainable part of the image encoder, kept outside it.
+        # RISAM adapters: the only trainable part of the image encoder, kept outside it.
         self.image_adapters = (attach_adapters(self.image_encoder, ratio=cfg.adapter_ratio)
                                if cfg.adapters else None)
 
@@ -885,7 +900,7 @@ class MARIS(nn.Module):
 
     def fuse(self, visual: Tensor, word_features: Tensor, word_mask: Tensor, visual_pe: Tensor
              ) -> tuple[Tensor, Tensor]:
-        """Word projection and the K Mutual-Aware Attention blocks (§4.4).
+        """Word projection and the K Mutual-Aware Attention blocks (Fig. 4).
 
         Args:
             visual: F_v (B, N, C); word_features: F_w (B, L, E); word_mask: (B, L) bool;
@@ -902,17 +917,10 @@ class MARIS(nn.Module):
         return visual, words
 
     def forward(self, images: Tensor | None, ids: Tensor, word_mask: Tensor, *,
-                image_index: Tensor | None = None, image_features: dict | None = None,
-                features: bool = False) -> Tensor | dict:
-        """Mask logits (B, 1, 4H, 4W), the same in train and eval mode (see `forward_features`).
-
-        `features=True` returns the whole `forward_features` dict instead: the way for
-        `training_loss` to reach the features through a DistributedDataParallel wrapper, which
-        only synchronises gradients of computations that run inside `forward`.
-        """
-        out = self.forward_features(ids, word_mask, images=images, image_features=image_features,
-                                    image_index=image_index)
-        return out if features else out["logits"]
+                image_index: Tensor | None = None, image_features: dict | None = None) -> Tensor:
+        """Mask logits (B, 1, 4H, 4W), the same in train and eval mode; arguments as `forward_features`."""
+        return self.forward_features(ids, word_mask, images=images, image_features=image_features,
+                                     image_index=image_index)["logits"]
 
     @torch.no_grad()
     def predict(self, images: Tensor, ids: Tensor, word_mask: Tensor) -> Tensor:
@@ -951,7 +959,7 @@ class MARIS(nn.Module):
         self.load_state_dict(state_dict, strict=False)
 
 
-# --- Losses (§4.6) -----------------------------------------------------------------------------
+# --- Losses ------------------------------------------------------------------------------------
 
 def _valid_mean(x: Tensor, valid: Tensor) -> Tensor:
     """Per-sample mean of x (B, ...) over the valid (B, ...) pixels -> (B,)."""
@@ -1017,7 +1025,7 @@ def segmentation_loss(logits: Tensor, masks: Tensor, valid: Tensor | None, cfg: 
     return dict(loss=loss, focal=focal, dice=dice)
 
 
-# --- MagNet: Mask Grounding (Chng et al., CVPR 2024, §3) --------------------------------------
+# --- MagNet: Mask Grounding (Chng et al., CVPR 2024) ------------------------------------------
 
 def choose_masked_words(word_mask: Tensor, ratio: float, generator: torch.Generator | None = None
                         ) -> Tensor:
@@ -1113,7 +1121,7 @@ class MaskGroundingLayer(nn.Module):
 
 
 class MaskGroundingHead(nn.Module):
-    """Mask Grounding (MagNet §3): predict masked words from the image and the target's mask.
+    """Mask Grounding (MagNet, Chng et al. 2024): predict masked words from the image and the target's mask.
 
     A learned mask embedding replaces the CLIP token embeddings of the chosen words in a second
     copy of the expression (`embed_masked`) before the frozen text tower. The masked copy's
@@ -1199,12 +1207,14 @@ def mask_grounding_loss(model: MARIS, head: MaskGroundingHead, features: dict, i
         ratio: share of words to mask; generator: RNG for the choice.
 
     Returns:
-        Scalar mean cross-entropy over all masked tokens of the batch (0, still attached to
-        the head's parameters, when no sentence has a word).
+        Scalar mean cross-entropy over all masked tokens of the batch; when no sentence has a word,
+        0 attached to every parameter of the head (zero gradients, not none).
     """
     chosen = choose_masked_words(word_mask, ratio, generator)  # (B, L)
     if not chosen.any():
-        return head.mask_embedding.sum() * 0.0
+        # DistributedDataParallel (find_unused_parameters off) needs a gradient for every trained
+        # parameter on every rank at every step; another rank's batch may have words.
+        return sum(p.sum() for p in head.parameters()) * 0.0
     visual = features["enhanced"]  # F_v (B, N, C)
     B, N, C = visual.shape
     H = W = math.isqrt(N)  # the feature grid is square (S x S inputs)
@@ -1283,14 +1293,14 @@ def alignment_loss(sentence: Tensor, pixels: Tensor, masks: Tensor, valid: Tenso
     return per_sample[used].mean()
 
 
-# --- MagNet training heads and the training loss ----------------------------------------------
+# --- MagNet training heads and the training step -----------------------------------------------
 
 class MagNetHeads(nn.Module):
     """The training-only heads of MagNet's add-ons: `mask_grounding` (MaskGroundingHead) and
     `alignment` (AlignmentHead), each None when its loss weight is 0.
 
-    Not a sub-module of MARIS: `MARIS.trainable_state_dict()` and inference checkpoints never
-    contain it; a training script saves `heads.state_dict()` beside them.
+    Not a sub-module of MARIS (`TrainStep` holds both): `MARIS.trainable_state_dict()` and inference
+    checkpoints never contain it; a training script saves `heads.state_dict()` beside them.
     """
 
     def __init__(self, *, mask_grounding: MaskGroundingHead | None = None,
@@ -1310,7 +1320,7 @@ def build_heads(cfg: MarisConfig, model: MARIS | None = None) -> MagNetHeads:
     Returns:
         MagNetHeads (possibly with no parameters when both weights are 0). Built under
         `torch.manual_seed(cfg.init_seed)` like `build_maris` (the global RNG is restored), so
-        every DDP rank starts from the same heads, which DDP does not wrap.
+        the config alone fixes their initial weights.
 
     Raises:
         ValueError: a negative weight or an out-of-range ratio / temperature.
@@ -1346,59 +1356,63 @@ def _build_heads(cfg: MarisConfig, model: MARIS | None) -> MagNetHeads:
     return heads
 
 
-def training_loss(model: nn.Module, heads: MagNetHeads | None, *, ids: Tensor, word_mask: Tensor,
-                  masks: Tensor, valid: Tensor | None, images: Tensor | None = None,
-                  image_features: dict | None = None, image_index: Tensor | None = None,
-                  generator: torch.Generator | None = None) -> dict:
-    """One training step's loss: MARIS's focal + dice, plus MagNet's enabled add-ons.
+class TrainStep(nn.Module):
+    """One training step's losses as a module: MARIS plus MagNet's training-only heads.
 
-        loss = segmentation loss + mask_grounding_weight * Mask Grounding CE
-                                 + alignment_weight * alignment loss
+        loss = focal + dice (MARIS) + mask_grounding_weight * Mask Grounding CE
+                                    + alignment_weight * alignment loss
 
-    With both weights 0 nothing else runs and `loss` is exactly MARIS's.
-
-    Args:
-        model: MARIS, or a DistributedDataParallel wrapping one (the features come through
-            its `forward`, so DDP synchronises the gradients of every use of MARIS's weights).
-        heads: from `build_heads` (may be None when both weights are 0).
-        ids, word_mask: (B, L); masks: (B, S, S) {0, 1}; valid: (B, S, S) bool or None;
-        images / image_features / image_index: as `MARIS.forward_features`;
-        generator: RNG for Mask Grounding's choice of words.
-
-    Returns:
-        dict(loss, focal, dice, mask_grounding, alignment) of scalars (a disabled add-on's
-        entry is a 0 tensor).
+    With both MagNet weights 0 nothing else runs and `loss` is exactly MARIS's. This is the module
+    a distributed run wraps in DistributedDataParallel: every use of a trained weight, the heads'
+    and the masked-copy pass of Mask Grounding included, happens inside `forward`, so DDP averages
+    every gradient. Checkpoints keep `model.trainable_state_dict()` and `heads.state_dict()` apart.
 
     Raises:
-        ValueError: a weight is > 0 but `heads` lacks its head.
+        ValueError: a MagNet weight is > 0 but `heads` lacks its head.
     """
-    core = getattr(model, "module", model)  # the MARIS inside a DDP wrapper
-    cfg = core.cfg
-    features = model(images, ids, word_mask, image_index=image_index,
-                     image_features=image_features, features=True)
-    seg = segmentation_loss(features["logits"], masks, valid, cfg)
-    zero = seg["loss"].new_zeros(())
-    out = dict(loss=seg["loss"], focal=seg["focal"], dice=seg["dice"], mask_grounding=zero,
-               alignment=zero)
-    if cfg.mask_grounding_weight > 0:
-        if heads is None or heads.mask_grounding is None:
-            raise ValueError("mask_grounding_weight > 0 but heads.mask_grounding is None: "
-                             "build the heads with build_heads(cfg) from the same config")
-        out["mask_grounding"] = mask_grounding_loss(
-            core, heads.mask_grounding, features, ids, word_mask, masks, valid,
-            ratio=cfg.mask_ratio, generator=generator)
-        out["loss"] = out["loss"] + cfg.mask_grounding_weight * out["mask_grounding"]
-    if cfg.alignment_weight > 0:
-        if heads is None or heads.alignment is None:
-            raise ValueError("alignment_weight > 0 but heads.alignment is None: build the heads "
-                             "with build_heads(cfg) from the same config")
-        visual = features["visual"]  # F_v' (B, N, C)
-        H = W = math.isqrt(visual.shape[1])
-        sentence, pixels = heads.alignment(features["sentence"], visual)
-        out["alignment"] = alignment_loss(sentence, pixels, masks, valid, (H, W),
-                                          temperature=cfg.alignment_temperature)
-        out["loss"] = out["loss"] + cfg.alignment_weight * out["alignment"]
-    return out
+
+    def __init__(self, model: MARIS, heads: MagNetHeads | None = None) -> None:
+        super().__init__()
+        heads = MagNetHeads() if heads is None else heads
+        for name in ("mask_grounding", "alignment"):
+            if getattr(model.cfg, name + "_weight") > 0 and getattr(heads, name) is None:
+                raise ValueError(f"{name}_weight > 0 but heads.{name} is None: build the heads with "
+                                 f"build_heads(cfg) from the model's config")
+        self.model = model
+        self.heads = heads
+
+    def forward(self, *, ids: Tensor, word_mask: Tensor, masks: Tensor, valid: Tensor | None,
+                images: Tensor | None = None, image_features: dict | None = None,
+                image_index: Tensor | None = None, generator: torch.Generator | None = None) -> dict:
+        """The losses of one batch.
+
+        Args:
+            ids, word_mask: (B, L); masks: (B, S, S) {0, 1}; valid: (B, S, S) bool, False on the
+                padding (None: all valid); images / image_features / image_index: as
+                `MARIS.forward_features`; generator: RNG of Mask Grounding's choice of words.
+
+        Returns:
+            dict(loss, focal, dice, mask_grounding, alignment) of scalars (a disabled add-on's
+            entry is a 0 tensor).
+        """
+        model, cfg = self.model, self.model.cfg
+        features = model.forward_features(ids, word_mask, images=images, image_features=image_features,
+                                          image_index=image_index)
+        out = segmentation_loss(features["logits"], masks, valid, cfg)
+        out.update(mask_grounding=out["loss"].new_zeros(()), alignment=out["loss"].new_zeros(()))
+        if cfg.mask_grounding_weight > 0:
+            out["mask_grounding"] = mask_grounding_loss(
+                model, self.heads.mask_grounding, features, ids, word_mask, masks, valid,
+                ratio=cfg.mask_ratio, generator=generator)
+            out["loss"] = out["loss"] + cfg.mask_grounding_weight * out["mask_grounding"]
+        if cfg.alignment_weight > 0:
+            visual = features["visual"]  # F_v' (B, N, C)
+            H = W = math.isqrt(visual.shape[1])
+            sentence, pixels = self.heads.alignment(features["sentence"], visual)
+            out["alignment"] = alignment_loss(sentence, pixels, masks, valid, (H, W),
+                                              temperature=cfg.alignment_temperature)
+            out["loss"] = out["loss"] + cfg.alignment_weight * out["alignment"]
+        return out
 
 
 # --- Weight loading ----------------------------------------------------------------------------
@@ -1612,6 +1626,181 @@ def build_maris(cfg: MarisConfig, *, sam_checkpoint: str | Path | None = None,
                       f"checkpoint given): fine for tests and the tiny demo, useless on real data",
                       UserWarning, stacklevel=2)
     return model
+
+
+# --- Loading a trained MARIS ------------------------------------------------------------------
+
+def build_model(config: dict, *, sam_checkpoint: str | Path | None = None,
+                clip_checkpoint: str | Path | None = None) -> MARIS:
+    """`build_maris` from a config dict (`config_to_dict` output, as checkpoints store it).
+
+    The seeded build gives the same random frozen encoders wherever no encoder weights are loaded,
+    so a checkpoint of trainable weights alone still fits them.
+
+    Returns:
+        The model on CPU, in training mode.
+    """
+    return build_maris(config_from_dict(config), sam_checkpoint=sam_checkpoint, clip_checkpoint=clip_checkpoint)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a train.py checkpoint (plain tensors and Python values only: weights_only loading).
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: not a readable train.py checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, pickled objects
+        raise ValueError(f"checkpoint {path} is not a readable torch file: {str(e).splitlines()[0]}") from None
+    missing = [k for k in ("config", "options", "model") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is not a train.py checkpoint (missing keys {missing})")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, *, sam_checkpoint: str | Path | None = None,
+                          clip_checkpoint: str | Path | None = None) -> MARIS:
+    """Rebuild the trained model from a checkpoint (plus the encoder weight files it names).
+
+    Args:
+        ckpt: `read_checkpoint` output.
+        sam_checkpoint / clip_checkpoint: override the encoder weight paths stored in the checkpoint.
+
+    Returns:
+        The model on CPU in eval mode.
+
+    Raises:
+        FileNotFoundError: an encoder weight file the checkpoint names is not on this machine.
+    """
+    opts = ckpt["options"]
+    sam = sam_checkpoint or opts.get("sam_checkpoint")
+    clip = clip_checkpoint or opts.get("clip_checkpoint")
+    for flag, path in (("--sam-checkpoint", sam), ("--clip-checkpoint", clip)):
+        if path and not Path(path).is_file():
+            raise FileNotFoundError(f"the model was trained with encoder weights {path}, which is not here; "
+                                    f"pass {flag} with the same file")
+    model = build_model(ckpt["config"], sam_checkpoint=sam, clip_checkpoint=clip)
+    model.load_trainable_state_dict(ckpt["model"])
+    return model.eval()
+
+
+# --- Running the model: device, precision, processes -------------------------------------------
+
+# Precision names of train.py and evaluate.py: bf16 autocast on CUDA by default; CPU autocast is slow.
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' -> CUDA when available, else CPU; anything else is passed to torch.device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def setup_distributed(device_name: str = "auto") -> tuple[int, int, torch.device]:
+    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA).
+
+    Args:
+        device_name: auto | cpu | cuda | cuda:N; under torchrun on CUDA each process takes the GPU
+            of its LOCAL_RANK.
+
+    Returns:
+        (rank, world size, this process's device).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
+    if world <= 1:
+        return 0, 1, device
+    rank = int(os.environ["RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def check_precision(precision: str) -> str:
+    """Return `precision` when it is one of PRECISIONS.
+
+    Raises:
+        ValueError: an unknown precision name (the message lists the valid ones).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def effective_precision(device: torch.device | str, precision: str) -> str:
+    """The precision that really runs: "bf16" or "fp32" ("auto" = bf16 on CUDA, fp32 elsewhere).
+
+    Raises:
+        ValueError: an unknown precision name.
+    """
+    if check_precision(precision) == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(device: torch.device | str, precision: str = "auto"):
+    """Autocast context for a precision name (see `effective_precision`).
+
+    Raises:
+        ValueError: an unknown precision name.
+    """
+    if effective_precision(device, precision) == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+# --- Command-line options from a dataclass (train.py, evaluate.py) ------------------------------
+
+def option(default=dataclasses.MISSING, help: str = "", *, auto: str | None = None,
+           choices: tuple | None = None, multiple: bool = False, metavar: str | None = None):
+    """A dataclass field that is a command-line option (see `options_parser`).
+
+    Args:
+        default: the value when the flag is absent (MISSING: a required flag).
+        help: what the option does.  auto: what a None default resolves to, for the help text.
+        choices: the allowed values.  multiple: a repeatable flag collected into a list.
+        metavar: the value's name in the help (default: the field name in capitals).
+    """
+    return dataclasses.field(default=default, metadata=dict(help=help, auto=auto, choices=choices,
+                                                            multiple=multiple, metavar=metavar))
+
+
+def options_parser(cls: type, description: str) -> argparse.ArgumentParser:
+    """argparse parser of an options dataclass: flag `--a-b` per field `a_b`, help showing the default.
+
+    bool fields become `--x / --no-x`; absent flags stay absent from the parsed namespace, so a caller
+    can tell the options given on the command line (e.g. to override a resumed checkpoint's).
+    """
+    p = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        required = f.default is dataclasses.MISSING
+        shown = "required" if required else f"default: {meta['auto'] if f.default is None else f.default}"
+        help_text = f"{meta['help']} ({shown})"
+        if hints[f.name] is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        elif meta["multiple"]:
+            p.add_argument(flag, action="append", metavar=meta["metavar"] or "VALUE", help=help_text)
+        else:
+            kind = next(t for t in (*typing.get_args(hints[f.name]), hints[f.name]) if t is not type(None))
+            p.add_argument(flag, type=kind if kind in (int, float) else str, metavar=meta["metavar"] or f.name.upper(),
+                           choices=meta["choices"], required=required, help=help_text)
+    return p
+
+
+def parse_options(cls: type, argv: list[str] | None, description: str) -> tuple:
+    """Command line -> (the options dataclass with defaults filled, {field: value} given explicitly)."""
+    explicit = vars(options_parser(cls, description).parse_args(argv))
+    return cls(**explicit), explicit
 
 
 # --- Command line: parameter table and shapes -----------------------------------------------

@@ -1,4 +1,4 @@
-"""Tests for evaluate.py: the metrics (DESIGN.md §6), undoing the padding, the command line."""
+"""Tests for evaluate.py: the metrics, undoing the padding, the command line."""
 import json
 
 import numpy as np
@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
+import data
 import evaluate
 
 # --- strategies ---
@@ -379,12 +380,11 @@ def test_evaluate_cli_feature_cache(tiny_checkpoint, tmp_path, monkeypatch):
     common = ["--ckpt", str(tiny_checkpoint), "--split", "val", "--batch-size", "16", "--no-progress",
               "--out-dir", str(tmp_path)]
     plain = evaluate.main(common)["val"]
-    hashes, real_hash = [], evaluate.state_dict_sha256
-    monkeypatch.setattr(evaluate, "state_dict_sha256", lambda module: hashes.append(1) or real_hash(module))
+    hashes, real_hash = [], data.state_dict_sha256
+    monkeypatch.setattr(data, "state_dict_sha256", lambda module: hashes.append(1) or real_hash(module))
     cached = evaluate.main([*common, "--split", "test", "--feature-cache", str(tmp_path / "cache")])["val"]
     assert len(hashes) == 1
     again = evaluate.main([*common, "--feature-cache", str(tmp_path / "cache")])["val"]
-    import data
     images = set(data.ShapesDataset("val", image_size=64).image_ids)
     assert len(list((tmp_path / "cache" / "shapes-val-seed0").glob("*.npy"))) == len(images)
     assert plain["count"] == cached["count"] == again["count"]

@@ -570,7 +570,7 @@ def test_tiny_model_overfits_one_batch():
     assert best > 0.9, f"worst IoU {best:.3f} after {step + 1} steps"
 
 
-# --- MagNet add-ons: Mask Grounding, alignment loss, training_loss ------------------------------
+# --- MagNet add-ons: Mask Grounding, alignment loss, TrainStep -----------------------------------
 
 def seg_batch(B: int, S: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(masks (B, S, S) with one rectangle each, valid (B, S, S) with a padded bottom/right)."""
@@ -625,7 +625,7 @@ def test_mask_grounding_loss_finite_and_falls_when_overfitting():
     opt = torch.optim.AdamW(params, lr=3e-3)
     history = []
     for _ in range(40):
-        out = maris.training_loss(model, heads, **batch, generator=torch.Generator().manual_seed(0))
+        out = maris.TrainStep(model, heads)(**batch, generator=torch.Generator().manual_seed(0))
         assert torch.isfinite(out["mask_grounding"])
         history.append(out["mask_grounding"].item())
         opt.zero_grad()
@@ -644,8 +644,8 @@ def test_mask_grounding_runs_without_the_mask_and_then_ignores_it():
         assert (heads.mask_grounding.cue_embedding is None) == (not use_mask)
         other = dict(batch, masks=batch["masks"].flip(-1) * batch["valid"])
         with torch.no_grad():
-            a = maris.training_loss(model, heads, **batch, generator=torch.Generator().manual_seed(1))
-            b = maris.training_loss(model, heads, **other, generator=torch.Generator().manual_seed(1))
+            a = maris.TrainStep(model, heads)(**batch, generator=torch.Generator().manual_seed(1))
+            b = maris.TrainStep(model, heads)(**other, generator=torch.Generator().manual_seed(1))
         assert torch.isfinite(a["mask_grounding"])
         assert torch.equal(a["mask_grounding"], b["mask_grounding"]) == (not use_mask)
 
@@ -655,7 +655,7 @@ def test_mask_grounding_untied_and_unfused_variants_run():
     model, heads, batch = magnet_setup(mask_grounding_weight=1.0, mask_grounding_tied_output=False,
                                        mask_grounding_fuse_masked=False)
     assert heads.mask_grounding.output_proj.out_features == 49408
-    out = maris.training_loss(model, heads, **batch)
+    out = maris.TrainStep(model, heads)(**batch)
     out["loss"].backward()
     assert torch.isfinite(out["mask_grounding"]) and heads.mask_grounding.output_proj.weight.grad is not None
 
@@ -699,46 +699,46 @@ def test_alignment_loss_ignores_the_padded_area(seed):
     assert torch.equal(base, changed)
 
 
-def test_alignment_head_trains_through_training_loss():
-    """With alignment on, training_loss adds the weighted alignment loss and the projections
+def test_alignment_head_trains_through_train_step():
+    """With alignment on, TrainStep adds the weighted alignment loss and the projections
     get gradients; the Mask Grounding head is absent."""
     model, heads, batch = magnet_setup(alignment_weight=0.5)
     assert heads.mask_grounding is None and heads.alignment is not None
-    out = maris.training_loss(model, heads, **batch)
+    out = maris.TrainStep(model, heads)(**batch)
     assert out["mask_grounding"] == 0 and out["alignment"] > 0
     torch.testing.assert_close(out["loss"], 20 * out["focal"] + out["dice"] + 0.5 * out["alignment"])
     out["loss"].backward()
     assert heads.alignment.pixel_proj.weight.grad.abs().sum() > 0
 
 
-def test_training_loss_all_off_is_exactly_maris():
-    """With both weights 0, training_loss's loss and gradients are bit-identical to
+def test_train_step_all_off_is_exactly_maris():
+    """With both weights 0, TrainStep's loss and gradients are bit-identical to
     segmentation_loss(model(images, ids, word_mask)), and the add-on entries are 0."""
     model, heads, batch = magnet_setup()
     assert not list(heads.parameters())
     grads = []
-    for use_training_loss in (True, False):
+    for use_train_step in (True, False):
         model.zero_grad()
-        if use_training_loss:
-            out = maris.training_loss(model, heads, **batch)
+        if use_train_step:
+            out = maris.TrainStep(model, heads)(**batch)
         else:
             logits = model(batch["images"], batch["ids"], batch["word_mask"], image_index=batch["image_index"])
             out = maris.segmentation_loss(logits, batch["masks"], batch["valid"], model.cfg)
         out["loss"].backward()
         grads.append((out["loss"].detach(), {n: p.grad.clone() for n, p in model.named_parameters()
                                               if p.grad is not None}))
-        if use_training_loss:
+        if use_train_step:
             assert out["mask_grounding"] == 0 and out["alignment"] == 0
     (loss_a, grad_a), (loss_b, grad_b) = grads
     assert torch.equal(loss_a, loss_b)
     assert grad_a.keys() == grad_b.keys() and all(torch.equal(grad_a[k], grad_b[k]) for k in grad_a)
 
 
-def test_training_loss_refuses_missing_heads():
+def test_train_step_refuses_missing_heads():
     """A non-zero weight without the matching head raises an error naming the head."""
-    model, _, batch = magnet_setup(alignment_weight=1.0)
+    model, _, _ = magnet_setup(alignment_weight=1.0)
     with pytest.raises(ValueError, match="heads.alignment"):
-        maris.training_loss(model, None, **batch)
+        maris.TrainStep(model, None)
 
 
 def test_magnet_heads_are_not_in_the_model_checkpoint():

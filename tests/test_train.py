@@ -24,11 +24,11 @@ from conftest import ROOT, shared_path
 
 # Tiny runs: the tiny preset at S = 64 (4 x 4 visual tokens), no progress bars.
 TINY = ["--preset", "tiny", "--image-size", "64", "--no-progress", "--log-every", "1", "--workers", "0"]
-# Every add-on of issue 5: MagNet's Mask Grounding and alignment losses, RISAM's adapters.
+# Every add-on: MagNet's Mask Grounding and alignment losses, RISAM's adapters.
 ADDONS = ["--mask-grounding-weight", "0.1", "--alignment-weight", "0.1", "--adapters"]
 
 
-# --- a self-written refer-layout fixture (DESIGN.md §5) ---
+# --- a self-written fixture in the refer API's layout ---
 
 def write_refer_fixture(root: pathlib.Path) -> pathlib.Path:
     """A tiny RefCOCO (unc) in the refer layout: 5 images, 3 boxes each, 2 sentences per ref.
@@ -204,7 +204,7 @@ def test_checkpoint_is_self_describing(refer_root, tmp_path, monkeypatch):
         assert key in ckpt, key
     assert ckpt["step"] == result["step"] == 2
     assert not any(k.startswith(("image_encoder.", "text_encoder.")) for k in ckpt["model"])
-    model = evaluate.model_from_checkpoint(ckpt)
+    model = maris.model_from_checkpoint(ckpt)
     assert set(model.trainable_state_dict()) == set(ckpt["model"])
     assert (out / "best.pt").is_file()
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -221,9 +221,9 @@ def test_optimizer_holds_only_trainable_parameters(addons):
     cfg = train.model_config(opts)
     assert (cfg["adapters"], cfg["mask_grounding_weight"], cfg["alignment_weight"]) == (addons, 0.1 * addons,
                                                                                       0.1 * addons)
-    model = evaluate.build_model(cfg)
+    model = maris.build_model(cfg)
     heads = maris.build_heads(maris.config_from_dict(cfg), model)
-    opt = train.build_optimizer(model, opts, heads)
+    opt = train.build_optimizer(maris.TrainStep(model, heads), opts)
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     assert in_opt == {id(p) for p in [*model.parameters(), *heads.parameters()] if p.requires_grad}
     assert bool(list(heads.parameters())) == addons
@@ -265,7 +265,7 @@ def test_resume_with_more_epochs_extends_the_schedule(refer_root, tmp_path):
     """Resuming a finished run with a larger --epochs trains on with a fresh, non-zero learning rate."""
     out = tmp_path / "run"
     train.main(refer_args(refer_root, out, "--epochs", "1", "--schedule", "poly", "--val-split", ""))
-    assert torch.load(out / "last.pt", weights_only=True)["scheduler"]["_last_lr"][0] == 0.0
+    assert log_records(out, "train")[-1]["lr"] == 0.0  # the schedule ended
     result = train.main(["--resume", "auto", "--out-dir", str(out), "--dataset", "refcoco", "--epochs", "2",
                          "--no-progress"])
     assert result["step"] == 12
@@ -373,7 +373,7 @@ def test_grad_norm_is_logged_before_clipping(tmp_path):
     assert norms["1e-6"][0] == pytest.approx(norms["0"][0], rel=1e-6) and norms["0"][0] > 1e-3
 
 
-# --- MagNet's losses and RISAM's adapters (issue 5) ---
+# --- MagNet's losses and RISAM's adapters ---
 
 def test_magnet_and_adapters_train_on_shapes(tmp_path):
     """--mask-grounding-weight 0.1 --alignment-weight 0.1 --adapters trains on shapes: finite logged
@@ -384,7 +384,7 @@ def test_magnet_and_adapters_train_on_shapes(tmp_path):
     ckpt = torch.load(out / "last.pt", weights_only=True)
     config = ckpt["config"]
     assert config["adapters"] and config["mask_grounding_weight"] == config["alignment_weight"] == 0.1
-    initial = evaluate.build_model(config).trainable_state_dict()  # the seeded build = the run's start
+    initial = maris.build_model(config).trainable_state_dict()  # the seeded build = the run's start
     adapters = [k for k in ckpt["model"] if k.startswith("image_adapters.")]
     assert adapters and set(ckpt["model"]) == set(initial)
     assert not any(k.startswith(("image_encoder.", "text_encoder.")) for k in ckpt["model"])
@@ -397,7 +397,7 @@ def test_magnet_and_adapters_train_on_shapes(tmp_path):
     assert all(x["mask_grounding"] > 0 for x in records)
 
 
-# --- image-grouped batches (issue 6) ---
+# --- image-grouped batches ---
 
 @pytest.mark.filterwarnings("ignore:MARIS. RANDOM weights")
 def test_grouped_batch_matches_per_sentence_copies():
@@ -414,7 +414,7 @@ def test_grouped_batch_matches_per_sentence_copies():
     def step(images, image_index):
         model.zero_grad(set_to_none=True)
         heads.zero_grad(set_to_none=True)
-        losses = maris.training_loss(model, heads, ids=batch["ids"], word_mask=batch["word_mask"],
+        losses = maris.TrainStep(model, heads)(ids=batch["ids"], word_mask=batch["word_mask"],
                                      masks=batch["mask"], valid=valid, images=images, image_index=image_index,
                                      generator=torch.Generator().manual_seed(0))
         losses["loss"].backward()
@@ -430,18 +430,18 @@ def test_grouped_batch_matches_per_sentence_copies():
         assert torch.allclose(grads[k], grads_ref[k], rtol=1e-4, atol=1e-6), k
 
 
-# --- encoder feature cache (issue 6) ---
+# --- encoder feature cache ---
 
 def count_encoder_images(monkeypatch) -> list:
-    """Patch train.build_model so every SAM encoder pass appends its image count to the returned list."""
-    calls, real = [], train.build_model
+    """Patch maris.build_model so every SAM encoder pass appends its image count to the returned list."""
+    calls, real = [], maris.build_model
 
     def build_and_count(*args, **kwargs):
         model = real(*args, **kwargs)
         model.image_encoder.patch_embed.register_forward_hook(lambda m, inputs, out: calls.append(len(inputs[0])))
         return model
 
-    monkeypatch.setattr(train, "build_model", build_and_count)
+    monkeypatch.setattr(maris, "build_model", build_and_count)
     return calls
 
 
@@ -450,14 +450,13 @@ def test_feature_cache_second_epoch_runs_no_encoder(tmp_path, monkeypatch):
     validation run SAM's encoder zero times, the encoder weights are hashed once for the whole run
     (not once per cache opened), and the losses stay finite."""
     calls = count_encoder_images(monkeypatch)
-    hashes, real_hash = [], evaluate.state_dict_sha256
+    hashes, real_hash = [], data.state_dict_sha256
 
     def counted_hash(module):
         hashes.append(1)
         return real_hash(module)
 
-    monkeypatch.setattr(evaluate, "state_dict_sha256", counted_hash)
-    monkeypatch.setattr(train, "state_dict_sha256", counted_hash)
+    monkeypatch.setattr(data, "state_dict_sha256", counted_hash)
     out, cache = tmp_path / "run", tmp_path / "cache"
     train.main(shapes_args(out, "--epochs", "2", "--feature-cache", str(cache), "--val-split", "val",
                            "--val-limit", "6"))
@@ -511,7 +510,7 @@ def test_fingerprint_covers_encoder_weights_and_settings():
     b = maris.build_maris(maris.make_config("tiny", image_size=64, maa_depth=1))  # same encoder, other head
     c = maris.build_maris(maris.make_config("tiny", image_size=64, init_seed=1))
     d = maris.build_maris(maris.make_config("tiny", image_size=32))
-    fa, fb, fc, fd = (evaluate.encoder_fingerprint(m, "shapes-train-seed0") for m in (a, b, c, d))
+    fa, fb, fc, fd = (data.encoder_fingerprint(m, "shapes-train-seed0") for m in (a, b, c, d))
     assert fa == fb
     assert fa["encoder_sha256"] != fc["encoder_sha256"] and fa["image_size"] != fd["image_size"]
 
@@ -561,20 +560,20 @@ def test_gpu_bf16_overfits_one_batch(refer_root):
     device = torch.device("cuda")
     ds = data.build_dataset("refcoco", "train", root=refer_root, image_size=64)
     batch = torch.utils.data.default_collate([ds[i] for i in range(4)])
-    model = evaluate.build_model(maris.config_to_dict(maris.make_config("tiny", image_size=64))).to(device)
+    model = maris.build_model(maris.config_to_dict(maris.make_config("tiny", image_size=64))).to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     images, ids, wm = batch["image"].to(device), batch["ids"].to(device), batch["word_mask"].to(device)
     masks = batch["mask"].to(device)
     valid = train.data.valid_mask(batch["input_size"], 64).to(device)
     for _ in range(200):
-        with evaluate.autocast(device, "auto"):
+        with maris.autocast(device, "auto"):
             logits = model(images, ids, wm)
         loss = maris.segmentation_loss(logits.float(), masks, valid, model.cfg)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
     model.eval()
-    with torch.no_grad(), evaluate.autocast(device, "auto"):
+    with torch.no_grad(), maris.autocast(device, "auto"):
         logits = model(images, ids, wm)
     preds = evaluate.logits_to_masks(logits, batch["input_size"], batch["orig_size"], size=64)
     m = evaluate.RISMetrics()
