@@ -1,17 +1,23 @@
 """Tests for data.py: tokenizer, transforms, RefCOCO-family loading, the shapes dataset, errors."""
+import functools
+import importlib.util
 import json
+import pathlib
 import pickle
+import sys
+import types
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 import data
-from conftest import shared_path
+import maris
+from conftest import ROOT, shared_path
 
 ITEM_KEYS = {"image", "mask", "ids", "word_mask", "orig_size", "input_size", "ref_id", "sent_id",
              "image_id", "sentence", "index"}
@@ -24,7 +30,8 @@ ITEM_KEYS = {"image", "mask", "ids", "word_mask", "orig_size", "input_size", "re
 
 @pytest.fixture(scope="module")
 def golden():
-    with open(shared_path("fixtures", "clip_tokenizer_golden.json"), encoding="utf-8") as f:
+    """OpenAI's tokenizer outputs (tests/fixtures/README.md says where they come from)."""
+    with open(ROOT / "tests" / "fixtures" / "clip_tokenizer_golden.json", encoding="utf-8") as f:
         return json.load(f)
 
 
@@ -221,6 +228,83 @@ def test_invert_transform_keeps_leading_dims():
     """invert_transform maps (..., S, S) to (..., H, W)."""
     x = torch.randn(2, 1, 32, 32)
     assert data.invert_transform(x, torch.tensor([24, 32]), torch.tensor([60, 80])).shape == (2, 1, 60, 80)
+
+
+# --- SAM's own pre- and post-processing as the reference -----------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def small_sam(size: int):
+    """segment_anything's `Sam` with a one-block encoder at input side `size`; only its pre- and
+    post-processing (pixel mean/std, padding, mask upsampling) are used."""
+    m = maris.import_sam_modeling()
+    return m.Sam(image_encoder=m.ImageEncoderViT(img_size=size, patch_size=16, embed_dim=16, depth=1, num_heads=2,
+                                                 out_chans=8),
+                 prompt_encoder=m.PromptEncoder(embed_dim=8, image_embedding_size=(size // 16, size // 16),
+                                                input_image_size=(size, size), mask_in_chans=4),
+                 mask_decoder=m.MaskDecoder(transformer_dim=8, transformer=m.TwoWayTransformer(
+                     depth=1, embedding_dim=8, num_heads=2, mlp_dim=16))).eval()
+
+
+@pytest.fixture(scope="module")
+def sam_transforms():
+    """segment_anything/utils/transforms.py (SAM's ResizeLongestSide); its torchvision import is stubbed
+    out when torchvision is missing (only the size arithmetic is used)."""
+    path = pathlib.Path(importlib.util.find_spec("segment_anything").submodule_search_locations[0])
+    spec = importlib.util.spec_from_file_location("_sam_utils_transforms", path / "utils" / "transforms.py")
+    module = importlib.util.module_from_spec(spec)
+    stubs = {}
+    try:
+        import torchvision.transforms.functional  # noqa: F401
+    except ImportError:
+        functional = types.ModuleType("torchvision.transforms.functional")
+        functional.resize = functional.to_pil_image = None
+        stubs = {"torchvision": types.ModuleType("torchvision"),
+                 "torchvision.transforms": types.ModuleType("torchvision.transforms"),
+                 "torchvision.transforms.functional": functional}
+    saved = {name: sys.modules.get(name) for name in stubs}
+    sys.modules.update(stubs)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                del sys.modules[name]
+            else:
+                sys.modules[name] = old
+    return module
+
+
+@given(st.integers(1, 2000), st.integers(1, 2000), st.sampled_from([64, 1024, 1000]))
+@example(1, 16, 1000)  # h * S / max(h, w) = 62.5 exactly: rounds half up, as SAM does
+def test_resize_longest_side_is_sams_arithmetic(sam_transforms, h, w, size):
+    """resize_longest_side gives ResizeLongestSide.get_preprocess_shape's (h2, w2) for any size."""
+    assert data.resize_longest_side(h, w, size) == sam_transforms.ResizeLongestSide.get_preprocess_shape(h, w, size)
+
+
+@given(st.integers(5, 90), st.integers(5, 90), st.integers(0, 2**16))
+def test_transform_image_equals_sam_preprocess(h, w, seed):
+    """transform_image equals SAM's Sam.preprocess (normalise with its pixel mean/std in RGB order, pad
+    bottom/right) of the PIL-bilinear-resized picture that ResizeLongestSide.apply_image feeds it."""
+    size = 64
+    pixels = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    x, (h2, w2) = data.transform_image(pixels, size)
+    resized = np.array(Image.fromarray(pixels).resize((w2, h2), Image.BILINEAR))  # torchvision's PIL path
+    with torch.no_grad():
+        expected = small_sam(size).preprocess(torch.as_tensor(resized).permute(2, 0, 1)[None].float())[0]
+    torch.testing.assert_close(x, expected, atol=1e-5, rtol=1e-5)
+
+
+@given(st.integers(3, 200), st.integers(3, 200), st.integers(0, 2**16))
+def test_invert_transform_equals_sam_postprocess_masks(h, w, seed):
+    """invert_transform of (S, S) logits equals Sam.postprocess_masks (crop the padding, bilinear resize to
+    the original size, align_corners False) on odd sizes and aspect ratios."""
+    size = 64
+    h2, w2 = data.resize_longest_side(h, w, size)
+    x = torch.randn(1, 1, size, size, generator=torch.Generator().manual_seed(seed))
+    expected = small_sam(size).postprocess_masks(x, (h2, w2), (h, w))
+    torch.testing.assert_close(data.invert_transform(x[0, 0], (h2, w2), (h, w)), expected[0, 0],
+                               atol=1e-5, rtol=1e-5)
 
 
 # ============================================================================================

@@ -1,5 +1,6 @@
 """Tests for evaluate.py: the metrics, undoing the padding, the command line."""
 import json
+import types
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from PIL import Image
 
 import data
 import evaluate
+import maris
 
 # --- strategies ---
 
@@ -152,6 +154,21 @@ def test_original_resolution_scoring_undoes_padding_exactly(hw, seed):
     pred = evaluate.logits_to_masks(logits, input_size, torch.tensor([hw]), size=size)[0]
     assert pred.shape == hw
     assert torch.equal(pred, torch.from_numpy(gt))
+
+
+@given(st.integers(3, 300), st.integers(3, 300), st.integers(0, 2**16))
+def test_original_resolution_scoring_equals_sam_postprocess_masks(h, w, seed):
+    """logits_to_masks gives SAM's Sam.postprocess_masks (bilinear to S, crop, bilinear to (Ho, Wo), both
+    with align_corners False) thresholded at 0.5, on odd sizes and aspect ratios."""
+    size = 64
+    h2, w2 = data.resize_longest_side(h, w, size)
+    logits = torch.randn(1, 1, size // 4, size // 4, generator=torch.Generator().manual_seed(seed)) * 4
+    sam = maris.import_sam_modeling().Sam.postprocess_masks  # reads self.image_encoder.img_size only
+    holder = types.SimpleNamespace(image_encoder=types.SimpleNamespace(img_size=size))
+    expected = sam(holder, logits, (h2, w2), (h, w))[0, 0].sigmoid() > 0.5  # (Ho, Wo)
+    pred = evaluate.logits_to_masks(logits, torch.tensor([[h2, w2]]), torch.tensor([[h, w]]), size=size)[0]
+    assert pred.shape == (h, w) and 0 < int(expected.sum()) < h * w
+    assert torch.equal(pred, expected)
 
 
 @given(st.integers(1, 40), st.integers(1, 40))

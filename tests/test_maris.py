@@ -1,6 +1,9 @@
 """Tests for maris.py: shapes, masking laws, shared attention logits, losses, weight loading,
 and a CPU overfit run. Everything uses the tiny preset (random frozen encoders) at small S."""
 import functools
+import os
+import subprocess
+import sys
 import warnings
 from functools import partial
 
@@ -10,6 +13,7 @@ from hypothesis import given, strategies as st
 from torch import nn
 
 import maris
+from conftest import ROOT
 
 SOT, EOT = 49406, 49407
 sam_modeling = maris.import_sam_modeling()
@@ -170,6 +174,38 @@ def test_padding_token_embeddings_change_nothing():
     torch.testing.assert_close(a["logits"], b["logits"], atol=1e-5, rtol=1e-4)
 
 
+@functools.lru_cache(maxsize=None)
+def perturbed_tiny(image_size: int = 32, seed: int = 0) -> maris.MARIS:
+    """A shared, read-only tiny model with noise added to every parameter, so no zero-initialised branch
+    (Feature Enhancement's last conv, biases) hides a dependence."""
+    model = fresh_tiny(image_size).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+@given(st.lists(st.integers(2, 8), min_size=1, max_size=3), st.integers(0, 2**16))
+def test_logits_do_not_depend_on_the_padding_length(lengths, seed):
+    """The same sentences tokenized to L = 8 and to L = 16 (padded with random ids) give the same logits
+    and features through the whole model, every parameter perturbed away from its initialisation."""
+    model = perturbed_tiny(32)
+    ids, wm = make_text(lengths, 8, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    long_ids = torch.cat([ids, torch.randint(1, 49405, (len(lengths), 8), generator=g)], dim=1)  # (B, 16)
+    long_ids[:, :8][~wm] = torch.randint(1, 49405, (int((~wm).sum()),), generator=g)  # and other padding
+    long_wm = torch.cat([wm, torch.zeros_like(wm)], dim=1)
+    images = make_images(len(lengths), 32, seed=seed)
+    with torch.no_grad():
+        short = model.forward_features(ids, wm, images=images)
+        long = model.forward_features(long_ids, long_wm, images=images)
+    torch.testing.assert_close(long["logits"], short["logits"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(long["visual"], short["visual"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(long["sentence"], short["sentence"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(long["words"][:, :8][wm], short["words"][wm], atol=1e-5, rtol=1e-4)
+
+
 def test_sentence_feature_is_eot_from_the_mask():
     """F_s is F_w at word_mask.sum(1) - 1 times text_projection, not at argmax(ids)."""
     model = tiny_model(32)
@@ -216,6 +252,59 @@ def test_vga_and_lga_share_one_logits_tensor():
     expected_words = block.norm_words2(w + block.mlp_words(w)) * wm[..., None]
     torch.testing.assert_close(new_words, expected_words)
     assert (new_words[1, 3:] == 0).all()
+
+
+def reference_mutual_aware_attention(block, visual, words, word_mask, visual_pe, word_pe):
+    """The block's docstring equations written out with einsum and the block's weights:
+    Q = (F_v + P_v) W_q, K = (F_l + P_l) W_k, A = Q K^T / sqrt(d) per head; VGA and LGA from A."""
+    h = block.num_heads
+    (B, N, C), L = visual.shape, words.shape[1]
+    d = C // h
+
+    def heads(x):  # (B, T, C) -> (B, h, T, d)
+        return x.reshape(x.shape[0], x.shape[1], h, d).permute(0, 2, 1, 3)
+
+    def linear(m, x):
+        return x @ m.weight.T + m.bias
+
+    def norm(m, x):
+        return torch.nn.functional.layer_norm(x, (C,), m.weight, m.bias, m.eps)
+
+    def ffn(m, x):
+        return linear(m.fc2, torch.nn.functional.gelu(linear(m.fc1, x)))
+
+    Q, K = heads(linear(block.q_proj, visual + visual_pe)), heads(linear(block.k_proj, words + word_pe))
+    A = torch.einsum("bhnd,bhld->bhnl", Q, K) / d ** 0.5
+    vga = (A + torch.where(word_mask, 0.0, float("-inf"))[:, None, None, :]).softmax(-1)  # over L
+    lga = A.transpose(-2, -1).softmax(-1)  # over N
+    to_visual = torch.einsum("bhnl,bhld->bnhd", vga, heads(linear(block.v_proj_words, words))).reshape(B, N, C)
+    to_words = torch.einsum("bhln,bhnd->blhd", lga, heads(linear(block.v_proj_visual, visual))).reshape(B, L, C)
+    real = word_mask[..., None].float()
+    v = norm(block.norm_visual1, visual + linear(block.out_proj_visual, to_visual))
+    v = norm(block.norm_visual2, v + ffn(block.mlp_visual, v))
+    w = norm(block.norm_words1, words + linear(block.out_proj_words, to_words) * real)
+    w = norm(block.norm_words2, w + ffn(block.mlp_words, w)) * real
+    return v, w
+
+
+@given(st.lists(st.integers(1, 5), min_size=1, max_size=3), st.integers(0, 2**16))
+def test_mutual_aware_attention_follows_its_equations(lengths, seed):
+    """A Mutual-Aware Attention block with random weights equals its equations written out independently
+    (P_v and P_l added to the queries and keys, the shared A, both softmaxes, masks, LayerNorms, FFNs)."""
+    torch.manual_seed(seed)
+    block = maris.MutualAwareAttention(dim=16, num_heads=4).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    B, N, L, C = len(lengths), 6, 5, 16
+    visual, words = torch.randn(B, N, C), torch.randn(B, L, C)
+    word_mask = torch.arange(L)[None] < torch.tensor(lengths)[:, None]
+    visual_pe, word_pe = torch.randn(N, C), torch.randn(L, C)
+    with torch.no_grad():
+        out = block(visual, words, word_mask, visual_pe, word_pe)
+        expected = reference_mutual_aware_attention(block, visual, words, word_mask, visual_pe, word_pe)
+    torch.testing.assert_close(out[0], expected[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out[1], expected[1], atol=1e-5, rtol=1e-4)
 
 
 # --- Feature Enhancement ------------------------------------------------------------------------
@@ -276,6 +365,51 @@ def test_build_is_deterministic_and_restores_rng():
     a, b = fresh_tiny(32), fresh_tiny(32)
     assert torch.equal(torch.get_rng_state(), before)
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+# --- segment-anything import -----------------------------------------------------------------------
+
+TORCHVISION_STUB = {  # what segment_anything's __init__ imports from torchvision, as do-nothing functions
+    "torchvision/__init__.py": "",
+    "torchvision/transforms/__init__.py": "",
+    "torchvision/transforms/functional.py": "def resize(*a, **k): raise NotImplementedError\n"
+                                            "def to_pil_image(*a, **k): raise NotImplementedError\n",
+    "torchvision/ops/__init__.py": "",
+    "torchvision/ops/boxes.py": "def batched_nms(*a, **k): raise NotImplementedError\n"
+                                "def box_area(*a, **k): raise NotImplementedError\n",
+}
+
+
+def run_python(code: str, tmp_path, pythonpath: list) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, [*pythonpath, ROOT]))}
+    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_importing_maris_keeps_segment_anything_whole(tmp_path):
+    """With a torchvision importable, `import maris` runs segment_anything's own __init__: afterwards
+    `from segment_anything import sam_model_registry` works and maris uses the same classes."""
+    for name, text in TORCHVISION_STUB.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    proc = run_python("import maris\n"
+                      "from segment_anything import sam_model_registry, SamPredictor\n"
+                      "import segment_anything.modeling as m\n"
+                      "assert maris.ImageEncoderViT is m.ImageEncoderViT and 'vit_b' in sam_model_registry\n",
+                      tmp_path, [tmp_path])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_maris_imports_without_torchvision(tmp_path):
+    """Without torchvision, maris still imports and segment_anything.build_sam still builds SAM."""
+    proc = run_python("import sys; sys.modules['torchvision'] = None  # makes `import torchvision` fail\n"
+                      "import torch, maris\n"
+                      "from segment_anything.build_sam import sam_model_registry\n"
+                      "with torch.device('meta'):\n"
+                      "    sam = sam_model_registry['vit_b']()\n"
+                      "assert type(sam.image_encoder) is maris.ImageEncoderViT\n",
+                      tmp_path, [])
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_config_round_trip_and_unknown_fields():

@@ -30,10 +30,11 @@ ADDONS = ["--mask-grounding-weight", "0.1", "--alignment-weight", "0.1", "--adap
 
 # --- a self-written fixture in the refer API's layout ---
 
-def write_refer_fixture(root: pathlib.Path) -> pathlib.Path:
+def write_refer_fixture(root: pathlib.Path, texts=("{colour} box", "box in the {place}")) -> pathlib.Path:
     """A tiny RefCOCO (unc) in the refer layout: 5 images, 3 boxes each, 2 sentences per ref.
 
-    Images 1-2 are train, 3 val, 4 testA, 5 testB; each box is one COCO polygon annotation.
+    Images 1-2 are train, 3 val, 4 testA, 5 testB; each box is one COCO polygon annotation; the
+    sentences are `texts` formatted with the box's colour and place.
     """
     colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
     images, anns, refs = [], [], []
@@ -60,7 +61,7 @@ def write_refer_fixture(root: pathlib.Path) -> pathlib.Path:
                          "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]]})
             place = ("left", "middle", "right")[k]
             sents = []
-            for text in (f"{colour} box", f"box in the {place}"):
+            for text in (t.format(colour=colour, place=place) for t in texts):
                 sents.append({"tokens": text.split(), "raw": text, "sent_id": sent_id, "sent": text})
                 sent_id += 1
             refs.append({"sent_ids": [s["sent_id"] for s in sents], "file_name": f"COCO_train2014_{image_id:012d}_{k}.jpg",
@@ -328,12 +329,31 @@ def test_missing_refcoco_data_gives_clean_message(tmp_path):
 
 # --- DDP ---
 
-@pytest.mark.parametrize("extra", [[], ["--alignment-weight", "0.1"]], ids=["maris", "alignment"])
-def test_ddp_two_gloo_processes_match_one_process(tmp_path, extra):
-    """torchrun with 2 CPU processes (gloo), batch 2 each, gives the weights of 1 process with batch 4;
-    with MagNet's alignment loss its head (outside the DDP wrapper) is averaged over the ranks too."""
-    common = ["--max-steps", "3", "--val-split", "", "--image-size", "64", "--no-progress", "--log-every", "1",
-              "--lr", "1e-3", "--warmup-steps", "1", *extra]
+# Every sentence three CLIP tokens long: with --mask-ratio 1 every word is masked, the same count on every
+# rank, so the mean of the ranks' Mask Grounding losses (what DDP's gradient averaging computes) is the
+# mean over the whole batch (what one process computes).
+THREE_WORDS = ("{colour} box {place}", "the {colour} one")
+MAGNET_DDP = ["--mask-grounding-weight", "0.1", "--mask-ratio", "1.0", "--alignment-weight", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def three_word_root(tmp_path_factory):
+    return write_refer_fixture(tmp_path_factory.mktemp("refer3"), texts=THREE_WORDS)
+
+
+def test_fixture_sentences_are_three_tokens(three_word_root):
+    """The DDP fixture's sentences all have three word tokens (the premise of the MagNet DDP test)."""
+    ds = data.build_dataset("refcoco", "train", root=three_word_root, image_size=64)
+    assert set((ds.word_mask.sum(1) - 2).tolist()) == {3}
+
+
+@pytest.mark.parametrize("extra", [[], MAGNET_DDP], ids=["maris", "mask_grounding+alignment"])
+def test_ddp_two_gloo_processes_match_one_process(three_word_root, tmp_path, extra):
+    """torchrun with 2 CPU processes (gloo), batch 2 each, gives the losses, gradient norms and weights of
+    1 process with batch 4; with MagNet's Mask Grounding and alignment losses, their heads (inside the
+    DDP-wrapped TrainStep) are averaged over the ranks too."""
+    common = ["--dataset", "refcoco", "--data-root", str(three_word_root), "--max-steps", "3", "--val-split", "",
+              *TINY, "--lr", "1e-3", "--warmup-steps", "1", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "train.py", "--batch-size", "2", "--out-dir", str(tmp_path / "ddp"), *common],
@@ -343,11 +363,13 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path, extra):
     assert single["step"] == 3
     ckpt = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
     assert ckpt["step"] == 3 and ckpt["sampler"]["world_size"] == 2 and len(ckpt["rng"]) == 2
-    ddp_log = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
-    one_log = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in ddp_log if x["kind"] == "train"] == [1, 2, 3]
+    ddp_log, one_log = log_records(tmp_path / "ddp", "train"), log_records(tmp_path / "one", "train")
+    assert [x["step"] for x in ddp_log] == [1, 2, 3]
     # The same items per step and averaged gradients: the (rank-averaged) losses agree to rounding.
-    assert [x["loss"] for x in ddp_log] == pytest.approx([x["loss"] for x in one_log], rel=1e-5)
+    for key in ("loss", "focal", "dice", *(["mask_grounding", "alignment"] if extra else [])):
+        assert [x[key] for x in ddp_log] == pytest.approx([x[key] for x in one_log], rel=1e-5), key
+    if extra:
+        assert all(x["mask_grounding"] > 0 and x["alignment"] > 0 for x in ddp_log)
     # Adam and clipping are blind to a gradient's scale, so the weights alone cannot tell averaged from
     # summed gradients; the logged pre-clipping norm (model + heads) can: summed would be 2x here.
     assert [x["grad_norm"] for x in ddp_log] == pytest.approx([x["grad_norm"] for x in one_log], rel=1e-4)
@@ -359,6 +381,20 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path, extra):
     assert ha.keys() == hb.keys() and bool(ha) == bool(extra)
     # A head left un-averaged would take a different Adam step (~lr) on each rank's half batch.
     assert all(torch.allclose(ha[k], hb[k], atol=2e-4, rtol=0) for k in ha)
+
+
+def test_ddp_mask_grounding_step_without_words(tmp_path_factory, tmp_path):
+    """Under DDP, steps whose sentences have no word to mask (empty expressions) train on: the Mask Grounding
+    loss is 0 and every head parameter still gets a gradient (DDP, find_unused_parameters off, needs one)."""
+    root = write_refer_fixture(tmp_path_factory.mktemp("refer_empty"), texts=("", ""))
+    out = tmp_path / "ddp"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "train.py", *refer_args(root, out, "--max-steps", "3", "--val-split", "",
+                                                   "--mask-grounding-weight", "0.1")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [x["mask_grounding"] for x in log_records(out, "train")] == [0.0, 0.0, 0.0]
 
 
 def test_grad_norm_is_logged_before_clipping(tmp_path):
@@ -428,6 +464,46 @@ def test_grouped_batch_matches_per_sentence_copies():
     assert grads.keys() == grads_ref.keys() and len(grads) > 0
     for k in grads:
         assert torch.allclose(grads[k], grads_ref[k], rtol=1e-4, atol=1e-6), k
+
+
+@pytest.mark.filterwarnings("ignore:MARIS. RANDOM weights")
+def test_step_losses_ignore_the_padding():
+    """train.batch_losses (what a training step runs, every add-on on) gives the same losses and gradients
+    when the targets in the padded area of each input are flipped: the padding takes no part."""
+    cfg = maris.make_config("tiny", image_size=64, mask_grounding_weight=0.1, alignment_weight=0.1)
+    model = maris.build_maris(cfg)
+    step = maris.TrainStep(model, maris.build_heads(cfg, model)).train()
+    ds = data.ShapesDataset("train", num_images=3, image_size=64)
+    batch = data.collate_images([ds[i] for i in range(4)])
+    valid = data.valid_mask(batch["input_size"], 64)
+    assert (~valid).flatten(1).any(1).all()  # every picture is padded (shapes pictures are not square)
+    flipped = dict(batch, mask=torch.where(valid, batch["mask"], 1 - batch["mask"]))
+
+    def run(b):
+        step.zero_grad(set_to_none=True)
+        inputs, _ = data.batch_image_inputs(b, device=torch.device("cpu"))
+        losses = train.batch_losses(step, b, inputs, device=torch.device("cpu"), precision="fp32",
+                                    generator=torch.Generator().manual_seed(0))
+        losses["loss"].backward()
+        return losses, {n: p.grad.clone() for n, p in step.named_parameters() if p.grad is not None}
+
+    (losses, grads), (losses_flipped, grads_flipped) = run(batch), run(flipped)
+    assert all(torch.equal(losses[k], losses_flipped[k]) for k in losses)
+    assert grads.keys() == grads_flipped.keys() and any(k.startswith("heads.") for k in grads)
+    assert all(torch.equal(grads[k], grads_flipped[k]) for k in grads)
+
+
+def test_optimizer_order_is_model_then_heads():
+    """build_optimizer lists MARIS's trainable parameters before the MagNet heads' in each group: the
+    order optimizer states were saved in, so checkpoints of earlier runs resume."""
+    opts = train.resolve_options(train.TrainOptions(preset="tiny", image_size=64, mask_grounding_weight=0.1,
+                                                    alignment_weight=0.1))
+    model = maris.build_model(train.model_config(opts))
+    heads = maris.build_heads(model.cfg, model)
+    opt = train.build_optimizer(maris.TrainStep(model, heads), opts)
+    for group, keep in zip(opt.param_groups, (lambda p: p.ndim > 1, lambda p: p.ndim <= 1)):
+        expected = [p for m in (model, heads) for p in m.parameters() if p.requires_grad and keep(p)]
+        assert [id(p) for p in group["params"]] == [id(p) for p in expected]
 
 
 # --- encoder feature cache ---
