@@ -984,7 +984,8 @@ class FeatureCache:
                 diff = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
                 if not rebuild:
                     raise ValueError(f"feature cache {self.root} was built for another encoder or input: {diff} differ "
-                                     f"(cached {[old.get(k) for k in diff]}, now {[self.fingerprint.get(k) for k in diff]}). "
+                                     f"(cached {[old.get(k) for k in diff]}, "
+                                     f"now {[self.fingerprint.get(k) for k in diff]}). "
                                      "Use another cache directory, or rebuild it.")
                 for entry in self.root.glob("*.npy"):
                     entry.unlink()
@@ -1212,7 +1213,8 @@ def build_dataset(name, split, *, root=None, split_by=None, image_size, context_
         ValueError: unknown name, or a RefCOCO-family name without a root.
     """
     if name == "shapes":
-        return ShapesDataset(split=split, image_size=image_size, context_length=context_length or DEFAULT_CONTEXT_LENGTH["shapes"],
+        return ShapesDataset(split=split, image_size=image_size,
+                             context_length=context_length or DEFAULT_CONTEXT_LENGTH["shapes"],
                              load_images=load_images, load_masks=load_masks)
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected 'shapes' or one of {sorted(DATASETS)}")

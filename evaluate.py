@@ -62,17 +62,10 @@ DEFAULT_SPLIT_BY = {"shapes": None, **{name: partitions[0] for name, partitions 
 # --- Metrics: per-pair I and U, oIoU, mIoU, Prec@X ---
 
 def intersection_union(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pixel counts of intersection and union for each (prediction, ground truth) pair.
-
-    Args:
-        pred: bool (B, Ho, Wo) or (Ho, Wo) predicted masks.
-        gt: bool, same shape, ground-truth masks.
-
-    Returns:
-        (I, U): long tensors (B,) of |pred ∩ gt| and |pred ∪ gt|.
+    """Pixel counts I = |pred ∩ gt| and U = |pred ∪ gt|, long (B,), of bool masks (B, Ho, Wo) or (Ho, Wo).
 
     Raises:
-        ValueError: when the shapes differ.
+        ValueError: the shapes differ.
     """
     if pred.shape != gt.shape:
         raise ValueError(f"prediction shape {tuple(pred.shape)} != ground-truth shape {tuple(gt.shape)}")
@@ -84,14 +77,7 @@ def intersection_union(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tens
 
 
 def pair_iou(inter: torch.Tensor, union: torch.Tensor) -> torch.Tensor:
-    """Per-pair IoU in float64; an empty union (empty GT, empty prediction) scores 1.
-
-    Args:
-        inter: (B,) intersections.  union: (B,) unions.
-
-    Returns:
-        (B,) float64 IoU in [0, 1].
-    """
+    """Per-pair IoU (B,) in float64 from I and U (B,); an empty union (empty GT and prediction) scores 1."""
     inter = inter.double()
     union = union.double()
     # NOTE(paper): empty GT + empty prediction = IoU 1 (ReLA's gRefCOCO rule).
@@ -118,14 +104,7 @@ class RISMetrics:
         self.hits = [0] * len(self.thresholds)
 
     def update(self, inter: torch.Tensor, union: torch.Tensor) -> torch.Tensor:
-        """Add a batch of pairs.
-
-        Args:
-            inter: (B,) intersections from `intersection_union`.  union: (B,) unions.
-
-        Returns:
-            (B,) float64 per-pair IoU (handy for overlays and logs).
-        """
+        """Add a batch of pairs' I and U (B,) (`intersection_union`); returns their IoU (B,) in float64."""
         inter = inter.detach().reshape(-1).cpu()
         union = union.detach().reshape(-1).cpu()
         iou = pair_iou(inter, union)  # (B,)
@@ -183,18 +162,11 @@ class RISMetrics:
 
 def logits_to_masks(logits: torch.Tensor, input_size: torch.Tensor, orig_size: torch.Tensor, *, size: int,
                     eval_size: int | None = None, threshold: float = 0.5) -> list[torch.Tensor]:
-    """Binary masks at the scoring resolution from the model's mask logits.
+    """Binary masks at the scoring resolution from mask logits (B, 1, 4H, 4W), as SAM's `postprocess_masks`.
 
-    Args:
-        logits: (B, 1, 4H, 4W) mask logits.
-        input_size: (B, 2) long (h2, w2) resized image inside the padding.
-        orig_size: (B, 2) long original (Ho, Wo).
-        size: the padded input side S.
-        eval_size: None → original resolution; R → an R × R square resize.
-        threshold: foreground where sigmoid(logit) > threshold.
-
-    Returns:
-        B bool masks, each (Ho, Wo) (or (R, R)).
+    input_size (B, 2) is each (h2, w2) inside the padding of side `size` = S, orig_size (B, 2) each
+    (Ho, Wo); foreground where sigmoid(logit) > threshold. Returns B bool masks (Ho, Wo), or (R, R) with
+    eval_size R.
     """
     up = F.interpolate(logits.float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0]  # (B, S, S)
     masks = []
@@ -281,23 +253,12 @@ def draw_overlay(image: Image.Image, pred: np.ndarray, caption: str, *, gt: np.n
 # --- Evaluating a model on a dataset split ---
 
 def eval_batches(image_ids, batch_size: int, *, rank: int = 0, world: int = 1) -> list[list[int]]:
-    """Evaluation batches: every item once, whole images packed together.
+    """This rank's evaluation batches (item indices): every item once, whole images packed together.
 
-    The items are grouped by image (first-seen image order, item order inside an image). Images
-    are packed greedily into batches of at most `batch_size` items: an image that does not fit
-    in the rest of the current batch starts the next one, so an image with n ≤ batch_size
-    sentences sits in exactly one batch and is encoded once. An image with n > batch_size
-    sentences is cut into full batches of `batch_size` and its last n mod batch_size sentences
-    start the next batch (ceil(n / batch_size) encoder passes, the fewest possible). Batches
-    therefore vary in size. Rank r of `world` takes batches r, r + world, ... (no padding, so no
-    pair is scored twice).
-
-    Args:
-        image_ids: image id of every item (`dataset.image_ids`).
-        batch_size: the most sentences in a batch.  rank, world: this process and the process count.
-
-    Returns:
-        This rank's batches of item indices.
+    Items are grouped by image (first-seen order) and images packed greedily into batches of at most
+    `batch_size` items: an image that does not fit the current batch starts the next one, so an image
+    of n <= batch_size sentences is encoded once; a larger one fills ceil(n / batch_size) batches, the
+    fewest possible. Rank r of `world` takes batches r, r + world, ... (no pair scored twice).
 
     Raises:
         ValueError: batch_size < 1.
@@ -326,31 +287,21 @@ def evaluate_model(model: torch.nn.Module, dataset, *, batch_size: int = 8, devi
                    eval_size: int | None = None, threshold: float = 0.5, precision: str = "auto",
                    workers: int = 0, vis: int = 0, vis_dir: str | os.PathLike | None = None,
                    progress: bool = True, desc: str = "eval", cache: data.FeatureCache | None = None) -> dict:
-    """Score every item (every sentence of every ref) of a dataset.
+    """Score every item (every sentence of every ref) of a dataset -> `RISMetrics.compute()`.
 
-    Whole images are packed into batches (`eval_batches`) and each distinct image of a batch is
-    encoded once (`data.collate_images`), so an image is encoded once per split unless it has more
-    sentences than `batch_size`. The ground truth is read with `dataset.original_mask(index)`,
-    never from the batch, so the dataset can be built with load_masks=False (nothing decodes a
-    mask twice). Under an initialised process group each rank scores its
-    share of the batches and the sums are all-reduced, so every rank returns the metrics of the
-    whole split.
+    Whole images are packed into batches (`eval_batches`), each distinct image of a batch encoded once
+    (`data.collate_images`). The ground truth comes from `dataset.original_mask(index)`, never from the
+    batch, so the dataset can be built with load_masks=False. Under a process group each rank scores
+    its share and the sums are all-reduced: every rank returns the metrics of the whole split.
 
     Args:
         model: MARIS (not DDP-wrapped); its train/eval mode is restored afterwards.
-        dataset: a data.py dataset with `image_ids`, `original_mask(index)` and `load_image(image_id)`
-            (its items' "mask" is never read: build it with load_masks=False).
-        batch_size: the most sentences per forward pass.  device: where the model runs.
+        dataset: has `image_ids`, `original_mask(index)` and `load_image(image_id)`.
         eval_size: None = original resolution, R = R × R square (LAVT/MagNet).
         threshold: sigmoid threshold.  precision: auto | bf16 | fp32.
-        workers: DataLoader worker processes.
-        vis: overlay PNGs written for the first `vis` items (rank 0 only) into `vis_dir`.
-        progress: show a tqdm bar.  desc: the bar's label.
-        cache: optional `data.open_feature_cache(model, dataset, ...)`: the frozen encoder's outputs
-            come from it (the dataset may then be built with load_images=False).
-
-    Returns:
-        `RISMetrics.compute()` dict.
+        vis: overlay PNGs of the first `vis` items (rank 0 only) into `vis_dir`.
+        cache: optional `data.open_feature_cache(model, dataset, ...)` giving the frozen encoder's
+            outputs (the dataset may then be built with load_images=False).
     """
     device = torch.device(device)
     precision = maris.effective_precision(device, precision)

@@ -57,16 +57,12 @@ from torch import Tensor, nn
 def import_sam_modeling() -> ModuleType:
     """Import `segment_anything.modeling`, running the package's `__init__` whenever it can.
 
-    The package's `__init__` imports its predictor utilities, which need torchvision; the model code in
-    `segment_anything.modeling` needs torch alone. When the normal import fails for want of a working
-    torchvision, a bare package module is registered for `segment_anything` (`__path__` set, `__init__`
-    never run) and the sub-modules import under it, `segment_anything.build_sam` included.
-
-    Returns:
-        The `segment_anything.modeling` module.
+    That `__init__` imports the predictor utilities, which need torchvision; the model code needs torch
+    alone. Without a working torchvision, a bare package module (`__init__` never run) stands in for
+    `segment_anything` and the sub-modules import under it, `segment_anything.build_sam` included.
 
     Raises:
-        ImportError: the segment-anything package is not installed.
+        ImportError: segment-anything is not installed.
     """
     try:
         importlib.import_module("segment_anything")
@@ -205,14 +201,7 @@ PRESETS: dict[str, dict] = {
 
 
 def make_config(preset: str = "vit_b", **overrides) -> MarisConfig:
-    """A preset's config with field overrides.
-
-    Args:
-        preset: one of `PRESETS`.
-        **overrides: `MarisConfig` fields.
-
-    Returns:
-        The config.
+    """A preset's config (one of `PRESETS`) with `MarisConfig` field overrides.
 
     Raises:
         ValueError: unknown preset or field name.
@@ -259,18 +248,10 @@ def build_sam_image_encoder(*, image_size: int, patch_size: int, embed_dim: int,
 
 def sam_encoder_taps(encoder: nn.Module, images: Tensor, taps: tuple[int, ...]
                      ) -> tuple[Tensor, list[Tensor]]:
-    """Run SAM's encoder stage by stage, keeping the outputs of the tapped blocks.
+    """SAM's `ImageEncoderViT.forward` unrolled, keeping the outputs of the blocks listed in `taps`.
 
-    Same computation as `ImageEncoderViT.forward` (patch embedding, absolute position
-    embedding, blocks, neck), unrolled so intermediate block outputs can be returned.
-
-    Args:
-        encoder: a SAM `ImageEncoderViT`.
-        images: (B, 3, S, S) normalised, padded images.
-        taps: block indexes whose outputs to return.
-
-    Returns:
-        neck (B, C, H, W) and one (B, H, W, D) tensor per tap, in `taps` order.
+    Args: encoder a SAM `ImageEncoderViT`; images (B, 3, S, S) normalised, padded; taps block indexes.
+    Returns: neck (B, C, H, W) and one (B, H, W, D) tensor per tap, in `taps` order.
     """
     x = encoder.patch_embed(images)  # (B, H, W, D)
     if encoder.pos_embed is not None:
@@ -314,21 +295,13 @@ class BottleneckAdapter(nn.Module):
 
 
 def attach_adapters(encoder: nn.Module, *, ratio: float) -> nn.ModuleList:
-    """Add residual bottleneck adapters after the attention and the MLP of every SAM ViT block.
-
-    segment-anything's code is not edited: each adapter is a forward hook on `blocks[i].attn`
-    and `blocks[i].mlp`, and the adapters live outside the encoder, so the encoder's state-dict
-    keys (and strict loading of official SAM checkpoints) are unchanged. A windowed block's
-    attention output arrives in window layout (B * windows, w, w, D), padding included; the
-    adapter is token-wise, so it commutes with SAM's window un-partition and cropping.
-
-    Args:
-        encoder: a SAM `ImageEncoderViT` (its `blocks` have `attn` and `mlp`).
-        ratio: bottleneck width / D.
+    """Add residual bottleneck adapters (width round(D * ratio)) after the attention and the MLP of
+    every SAM ViT block, as forward hooks: SAM's code and state-dict keys stay as released. A windowed
+    block's attention output arrives in window layout, padding included; the adapter is token-wise, so
+    it commutes with SAM's window un-partition and cropping.
 
     Returns:
-        ModuleList with one ModuleDict(attn=, mlp=) of `BottleneckAdapter` per block; the
-        caller must keep it as a sub-module so that it trains and is saved.
+        ModuleList of one ModuleDict(attn=, mlp=) per block; the caller keeps it as a sub-module.
 
     Raises:
         ValueError: ratio is not positive.
@@ -413,17 +386,9 @@ class CLIPTextEncoder(nn.Module):
 
     def forward(self, ids: Tensor, word_mask: Tensor, token_embeddings: Tensor | None = None
                 ) -> tuple[Tensor, Tensor]:
-        """Encode token ids.
-
-        Args:
-            ids: (B, L) long token ids, SOT first, EOT at `word_mask.sum(1) - 1`.
-            word_mask: (B, L) bool, True from SOT through EOT.
-            token_embeddings: optional (B, L, E) replacing `token_embedding(ids)` (e.g. a
-                learned mask embedding at some positions).
-
-        Returns:
-            F_w (B, L, E) per-word features, F_s (B, E_proj) sentence feature.
-        """
+        """ids (B, L), SOT first and EOT at `word_mask.sum(1) - 1`; word_mask (B, L) bool, True from SOT
+        through EOT; token_embeddings optional (B, L, E) in place of `token_embedding(ids)` (e.g. a learned
+        mask embedding at some positions) -> F_w (B, L, E) per-word features, F_s (B, E_proj) sentence."""
         B, L = ids.shape
         x = self.token_embedding(ids) if token_embeddings is None else token_embeddings
         x = x + self.positional_embedding[:L]  # (B, L, E)
@@ -701,15 +666,8 @@ class MutualAwareMaskDecoder(nn.Module):
 
     def forward(self, visual: Tensor, words: Tensor, word_mask: Tensor, sentence: Tensor,
                 image_pe: Tensor, size: tuple[int, int]) -> Tensor:
-        """Predict the mask logits.
-
-        Args:
-            visual: F_v' (B, N, C); words: F_l' (B, L, C); word_mask: (B, L) bool;
-            sentence: F_s (B, E_proj); image_pe: (N, C) SAM's dense PE; size: (H, W).
-
-        Returns:
-            logits (B, 1, 4H, 4W).
-        """
+        """F_v' (B, N, C), F_l' (B, L, C), word_mask (B, L), F_s (B, E_proj), SAM's dense PE P_v (N, C) and
+        the grid size (H, W) -> mask logits (B, 1, 4H, 4W)."""
         B, N, C = visual.shape
         H, W = size
         query = self.query_token.weight + self.sentence_proj(sentence)  # (B, C)
@@ -845,10 +803,9 @@ class MARIS(nn.Module):
 
         Args:
             ids: (B, L) token ids; word_mask: (B, L) bool, True from SOT through EOT.
-            images: (B_img, 3, S, S); or
-            image_features: the dict of `encode_image` (e.g. from a feature cache, any dtype).
-            image_index: (B,) long, the image row of each sentence (default arange(B),
-                B_img == B). Feature Enhancement runs once per image row, then rows are indexed.
+            images (B_img, 3, S, S), or image_features: the dict of `encode_image` (e.g. cached, any dtype).
+            image_index: (B,) long, the image row of each sentence (default arange(B), B_img == B);
+                Feature Enhancement runs once per image row.
             token_embeddings: optional (B, L, E) override of the CLIP token embeddings.
 
         Returns:
@@ -863,9 +820,8 @@ class MARIS(nn.Module):
             raise ValueError("give exactly one of images and image_features")
         if image_features is None:
             image_features = self.encode_image(images)
-        dtype = self.word_pos.dtype
         # Cached features may be fp16 and on another device: bring them to the model's.
-        device = self.word_pos.device
+        device, dtype = self.word_pos.device, self.word_pos.dtype
         neck = image_features["neck"].to(device, dtype)  # (B_img, C, H, W)
         taps = [t.to(device, dtype) for t in image_features["taps"]]  # (B_img, H, W, D) each
         B = ids.shape[0]
@@ -900,15 +856,8 @@ class MARIS(nn.Module):
 
     def fuse(self, visual: Tensor, word_features: Tensor, word_mask: Tensor, visual_pe: Tensor
              ) -> tuple[Tensor, Tensor]:
-        """Word projection and the K Mutual-Aware Attention blocks (Fig. 4).
-
-        Args:
-            visual: F_v (B, N, C); word_features: F_w (B, L, E); word_mask: (B, L) bool;
-            visual_pe: P_v (N, C).
-
-        Returns:
-            F_v' (B, N, C) language-aware visual features, F_l' (B, L, C) vision-aware words.
-        """
+        """Word projection and the K Mutual-Aware Attention blocks (Fig. 4): F_v (B, N, C), F_w (B, L, E),
+        word_mask (B, L), P_v (N, C) -> F_v' (B, N, C) language-aware visual, F_l' (B, L, C) vision-aware words."""
         L = word_features.shape[1]
         words = self.word_proj(word_features)  # (B, L, C) = F_l
         word_pe = self.word_pos[:L]  # (L, C) = P_l
@@ -1031,17 +980,10 @@ def choose_masked_words(word_mask: Tensor, ratio: float, generator: torch.Genera
                         ) -> Tensor:
     """Pick the word tokens that Mask Grounding hides, uniformly at random per sentence.
 
-    Candidates are the real words between SOT (position 0) and EOT (position length - 1);
-    padding is never picked. A sentence with n = length - 2 > 0 words gets exactly
-    max(1, round(ratio * n)) of them; a sentence with no word (length <= 2) gets none.
-
-    Args:
-        word_mask: (B, L) bool, True from SOT through EOT.
-        ratio: share of the words to mask, in (0, 1].
-        generator: torch RNG for the choice (None: the global RNG of word_mask's device).
-
-    Returns:
-        (B, L) bool, True at the chosen positions.
+    Candidates are the real words between SOT (position 0) and EOT (position length - 1), never
+    padding. A sentence with n = length - 2 > 0 words gets exactly max(1, round(ratio * n)) of them;
+    one with no word gets none. word_mask (B, L) -> (B, L) bool, True at the chosen positions;
+    `generator` None draws from the global RNG of word_mask's device.
 
     Raises:
         ValueError: ratio outside (0, 1] or word_mask not a (B, L) bool tensor.
@@ -1066,15 +1008,11 @@ def choose_masked_words(word_mask: Tensor, ratio: float, generator: torch.Genera
 
 
 def mask_fractions(masks: Tensor, valid: Tensor | None, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """Ground truth and valid area per cell of the (H, W) feature grid.
+    """Ground truth and valid area per cell of the (H, W) feature grid (S a multiple of H and W).
 
-    Args:
-        masks: (B, S, S) {0, 1} targets; valid: (B, S, S) bool (None: all valid);
-        size: (H, W) of the feature grid (S a multiple of H and W).
-
-    Returns:
-        fg (B, N): share of each cell inside mask AND image; inside (B, N): share of each cell
-        inside the image. The padding's content never reaches either.
+    masks (B, S, S) {0, 1}, valid (B, S, S) bool or None (all valid) -> fg (B, N), the share of each
+    cell inside mask AND image, and inside (B, N), the share inside the image; the padding's content
+    never reaches either.
     """
     masks = masks.float()
     valid = torch.ones_like(masks) if valid is None else valid.to(masks.dtype)
@@ -1084,14 +1022,8 @@ def mask_fractions(masks: Tensor, valid: Tensor | None, size: tuple[int, int]) -
 
 def segmentation_cue(visual: Tensor, masks: Tensor, valid: Tensor | None, size: tuple[int, int]
                      ) -> tuple[Tensor, Tensor]:
-    """MagNet's segmentation cue: F_v' averaged inside the ground-truth mask.
-
-    Args:
-        visual: F_v' (B, N, C); masks (B, S, S); valid (B, S, S) or None; size (H, W).
-
-    Returns:
-        cue (B, C) (zero for an empty mask) and present (B,) bool, False where the mask is empty.
-    """
+    """MagNet's segmentation cue: F_v' (B, N, C) averaged inside the ground-truth mask (B, S, S) ->
+    cue (B, C) (zero for an empty mask) and present (B,) bool, False where the mask is empty."""
     fg, _ = mask_fractions(masks, valid, size)  # (B, N) cell weights = covered share
     total = fg.sum(1)  # (B,)
     cue = (fg[:, None].to(visual.dtype) @ visual)[:, 0]  # (B, 1, N) @ (B, N, C) -> (B, C)
@@ -1158,18 +1090,13 @@ class MaskGroundingHead(nn.Module):
     def forward(self, words: Tensor, word_mask: Tensor, chosen: Tensor, visual: Tensor,
                 visual_pe: Tensor, cue: tuple[Tensor, Tensor] | None = None,
                 vocab_embeddings: Tensor | None = None) -> Tensor:
-        """Vocabulary logits at the masked positions.
+        """Vocabulary logits (M, V) at the M masked positions, rows in `words[chosen]` order.
 
         Args:
-            words: (B, L, C) features of the masked copy; word_mask: (B, L) bool;
-            chosen: (B, L) bool masked positions (M of them in all);
+            words: (B, L, C) features of the masked copy; word_mask, chosen: (B, L) bool;
             visual: F_v' (B, N, C); visual_pe: P_v (N, C);
-            cue: (cue (B, C), present (B,) bool) from `segmentation_cue`, required when the
-                head was built with use_mask, ignored otherwise;
+            cue: `segmentation_cue`'s (cue (B, C), present (B,)), required with use_mask;
             vocab_embeddings: (V, E) CLIP's token_embedding weight, required when tied.
-
-        Returns:
-            (M, V) logits, rows in `words[chosen]` order.
 
         Raises:
             ValueError: a required cue or vocab_embeddings is missing.
@@ -1199,12 +1126,9 @@ def mask_grounding_loss(model: MARIS, head: MaskGroundingHead, features: dict, i
                         generator: torch.Generator | None = None) -> Tensor:
     """Mask Grounding's cross-entropy over the CLIP vocabulary, on the masked positions only.
 
-    Args:
-        model: the MARIS (not a DDP wrapper) that produced `features`.
-        head: the Mask Grounding head.
-        features: `forward_features` output for (ids, word_mask) (uses enhanced / visual).
-        ids, word_mask: (B, L) the expression; masks (B, S, S); valid (B, S, S) or None.
-        ratio: share of words to mask; generator: RNG for the choice.
+    `features` is the `forward_features` output of `model` (a MARIS, not a DDP wrapper) for ids and
+    word_mask (B, L); masks (B, S, S), valid (B, S, S) or None; `ratio` of the words masked, chosen
+    with `generator`.
 
     Returns:
         Scalar mean cross-entropy over all masked tokens of the batch; when no sentence has a word,
@@ -1359,13 +1283,11 @@ def _build_heads(cfg: MarisConfig, model: MARIS | None) -> MagNetHeads:
 class TrainStep(nn.Module):
     """One training step's losses as a module: MARIS plus MagNet's training-only heads.
 
-        loss = focal + dice (MARIS) + mask_grounding_weight * Mask Grounding CE
-                                    + alignment_weight * alignment loss
+        loss = focal + dice + mask_grounding_weight * Mask Grounding CE + alignment_weight * alignment
 
-    With both MagNet weights 0 nothing else runs and `loss` is exactly MARIS's. This is the module
-    a distributed run wraps in DistributedDataParallel: every use of a trained weight, the heads'
-    and the masked-copy pass of Mask Grounding included, happens inside `forward`, so DDP averages
-    every gradient. Checkpoints keep `model.trainable_state_dict()` and `heads.state_dict()` apart.
+    With both MagNet weights 0 `loss` is exactly MARIS's. This is the module DistributedDataParallel
+    wraps: every use of a trained weight (the heads' and Mask Grounding's masked pass included) runs
+    inside `forward`, so DDP averages every gradient.
 
     Raises:
         ValueError: a MagNet weight is > 0 but `heads` lacks its head.
@@ -1384,17 +1306,9 @@ class TrainStep(nn.Module):
     def forward(self, *, ids: Tensor, word_mask: Tensor, masks: Tensor, valid: Tensor | None,
                 images: Tensor | None = None, image_features: dict | None = None,
                 image_index: Tensor | None = None, generator: torch.Generator | None = None) -> dict:
-        """The losses of one batch.
-
-        Args:
-            ids, word_mask: (B, L); masks: (B, S, S) {0, 1}; valid: (B, S, S) bool, False on the
-                padding (None: all valid); images / image_features / image_index: as
-                `MARIS.forward_features`; generator: RNG of Mask Grounding's choice of words.
-
-        Returns:
-            dict(loss, focal, dice, mask_grounding, alignment) of scalars (a disabled add-on's
-            entry is a 0 tensor).
-        """
+        """ids, word_mask (B, L); masks (B, S, S) {0, 1}; valid (B, S, S) bool, False on the padding (None:
+        all valid); images / image_features / image_index as `MARIS.forward_features`; generator: Mask
+        Grounding's RNG -> dict(loss, focal, dice, mask_grounding, alignment) of scalars (0 when off)."""
         model, cfg = self.model, self.model.cfg
         features = model.forward_features(ids, word_mask, images=images, image_features=image_features,
                                           image_index=image_index)
@@ -1632,14 +1546,8 @@ def build_maris(cfg: MarisConfig, *, sam_checkpoint: str | Path | None = None,
 
 def build_model(config: dict, *, sam_checkpoint: str | Path | None = None,
                 clip_checkpoint: str | Path | None = None) -> MARIS:
-    """`build_maris` from a config dict (`config_to_dict` output, as checkpoints store it).
-
-    The seeded build gives the same random frozen encoders wherever no encoder weights are loaded,
-    so a checkpoint of trainable weights alone still fits them.
-
-    Returns:
-        The model on CPU, in training mode.
-    """
+    """`build_maris` from a config dict (`config_to_dict` output, as checkpoints store it); the seeded
+    build gives the same random frozen encoders wherever no encoder weights are loaded."""
     return build_maris(config_from_dict(config), sam_checkpoint=sam_checkpoint, clip_checkpoint=clip_checkpoint)
 
 
@@ -1664,14 +1572,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 def model_from_checkpoint(ckpt: dict, *, sam_checkpoint: str | Path | None = None,
                           clip_checkpoint: str | Path | None = None) -> MARIS:
-    """Rebuild the trained model from a checkpoint (plus the encoder weight files it names).
-
-    Args:
-        ckpt: `read_checkpoint` output.
-        sam_checkpoint / clip_checkpoint: override the encoder weight paths stored in the checkpoint.
-
-    Returns:
-        The model on CPU in eval mode.
+    """The trained model (CPU, eval mode) from a `read_checkpoint` dict plus the encoder weight files it
+    names (`sam_checkpoint` / `clip_checkpoint` override those paths).
 
     Raises:
         FileNotFoundError: an encoder weight file the checkpoint names is not on this machine.
@@ -1702,15 +1604,8 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def setup_distributed(device_name: str = "auto") -> tuple[int, int, torch.device]:
-    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA).
-
-    Args:
-        device_name: auto | cpu | cuda | cuda:N; under torchrun on CUDA each process takes the GPU
-            of its LOCAL_RANK.
-
-    Returns:
-        (rank, world size, this process's device).
-    """
+    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA) -> (rank, world
+    size, this process's device); under torchrun on CUDA each process takes the GPU of its LOCAL_RANK."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(device_name)
     if world <= 1:
@@ -1725,33 +1620,21 @@ def setup_distributed(device_name: str = "auto") -> tuple[int, int, torch.device
 
 
 def check_precision(precision: str) -> str:
-    """Return `precision` when it is one of PRECISIONS.
-
-    Raises:
-        ValueError: an unknown precision name (the message lists the valid ones).
-    """
+    """Return `precision` when it is one of PRECISIONS, else raise ValueError listing them."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     return precision
 
 
 def effective_precision(device: torch.device | str, precision: str) -> str:
-    """The precision that really runs: "bf16" or "fp32" ("auto" = bf16 on CUDA, fp32 elsewhere).
-
-    Raises:
-        ValueError: an unknown precision name.
-    """
+    """The precision that really runs: "bf16" or "fp32" ("auto" = bf16 on CUDA, fp32 elsewhere)."""
     if check_precision(precision) == "auto":
         return "bf16" if torch.device(device).type == "cuda" else "fp32"
     return precision
 
 
 def autocast(device: torch.device | str, precision: str = "auto"):
-    """Autocast context for a precision name (see `effective_precision`).
-
-    Raises:
-        ValueError: an unknown precision name.
-    """
+    """Autocast context for a precision name (see `effective_precision`)."""
     if effective_precision(device, precision) == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
@@ -1761,14 +1644,9 @@ def autocast(device: torch.device | str, precision: str = "auto"):
 
 def option(default=dataclasses.MISSING, help: str = "", *, auto: str | None = None,
            choices: tuple | None = None, multiple: bool = False, metavar: str | None = None):
-    """A dataclass field that is a command-line option (see `options_parser`).
-
-    Args:
-        default: the value when the flag is absent (MISSING: a required flag).
-        help: what the option does.  auto: what a None default resolves to, for the help text.
-        choices: the allowed values.  multiple: a repeatable flag collected into a list.
-        metavar: the value's name in the help (default: the field name in capitals).
-    """
+    """A dataclass field that is a command-line option (`options_parser`): `default` MISSING makes the flag
+    required; `auto` says in the help what a None default resolves to; `multiple` collects a repeatable
+    flag into a list."""
     return dataclasses.field(default=default, metadata=dict(help=help, auto=auto, choices=choices,
                                                             multiple=multiple, metavar=metavar))
 

@@ -107,7 +107,8 @@ class TrainOptions:
     # optimisation
     epochs: int | None = option(None, "training epochs", auto="4 for shapes, else 50")
     batch_size: int = option(8, "sentences per step per process")
-    lr: float | None = option(None, "AdamW peak learning rate", auto="1e-3 for shapes (training from scratch), else 1e-4")
+    lr: float | None = option(None, "AdamW peak learning rate",
+                              auto="1e-3 for shapes (training from scratch), else 1e-4")
     weight_decay: float = option(0.01, "AdamW weight decay (not applied to biases and norm weights)")
     warmup_steps: int | None = option(None, "linear warm-up steps", auto="100 for shapes, else 1000")
     schedule: str = option("cosine", "learning-rate decay after warm-up: cosine | poly | constant")
@@ -440,7 +441,8 @@ class Progress:
     evaluated_at: int | None = None  # step of this run's latest validation
 
 
-def load_options(opts: TrainOptions, explicit: dict, main_process: bool) -> tuple[TrainOptions, dict | None, str | None]:
+def load_options(opts: TrainOptions, explicit: dict,
+                 main_process: bool) -> tuple[TrainOptions, dict | None, str | None]:
     """The run's resolved options and the checkpoint it resumes (None for a new run) with its path.
 
     With --resume the checkpoint's options come back, the flags given on this command line on top.

@@ -16,7 +16,7 @@ into the cache-building epoch, not into the two epochs compared.
     python bench/cache.py --preset tiny --items 32         # a quick check that it runs
     python bench/cache.py --refcoco-mini ../shared/refcoco-mini
 
-Target (issue 6): epoch 2 >= 5x faster than a no-cache epoch with vit_b at S = 512 on CPU.
+Target (README, "Performance"): epoch 2 >= 5x faster than a no-cache epoch with vit_b at S = 512 on CPU.
 Weights are random (the time of a step does not depend on them). One summary line per figure.
 """
 from __future__ import annotations

@@ -1,4 +1,5 @@
 """Tests for evaluate.py: the metrics, undoing the padding, the command line."""
+import dataclasses
 import json
 import types
 
@@ -358,6 +359,27 @@ def test_evaluate_cli_end_to_end(tiny_checkpoint, tmp_path, capsys, monkeypatch)
     assert report["protocol"]["threshold"] == "sigmoid > 0.5"
     assert len(list((tmp_path / "vis" / "val").glob("*.png"))) == 2
     assert built == [("val", False)]
+
+
+def test_help_lists_every_option(capsys):
+    """`evaluate.py --help` names every EvalOptions field as a flag, each with its default (or "required")."""
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    fields = dataclasses.fields(evaluate.EvalOptions)
+    for f in fields:
+        assert "--" + f.name.replace("_", "-") in text, f.name
+    assert text.count("(default:") == len(fields) - 1 and "(required)" in text
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    """--ckpt naming no file, or a file that is not a train.py checkpoint, exits with a one-line error."""
+    with pytest.raises(SystemExit, match="absent.pt does not exist"):
+        evaluate.main(["--ckpt", str(tmp_path / "absent.pt")])
+    torch.save({"model": {}}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match=r"other.pt is not a train.py checkpoint \(missing keys \['config', "):
+        evaluate.main(["--ckpt", str(tmp_path / "other.pt")])
 
 
 def test_split_without_pairs_is_null_in_json_and_dash_in_table(tiny_checkpoint, tmp_path, capsys, monkeypatch):
