@@ -104,7 +104,7 @@ MUTANTS = [
            "all shapes splits share one cache folder (their image ids collide)"),
     Mutant("train.py", "return opts.lr * LRSchedule(total_steps, opts.warmup_steps, opts.schedule)(step)",
            "return opts.lr * LRSchedule(total_steps, opts.warmup_steps, opts.schedule)(step + 1)",
-           ("tests/test_train.py",), "schedule or learning_rate",
+           ("tests/test_train.py",), "learning_rate or schedule",
            "the learning rate of the next step used one step early"),
     Mutant("train.py", "set_rng_state(rngs[run.rank] if run.rank < len(rngs) else rngs[0], run.mask_words)",
            "set_rng_state(rngs[run.rank] if run.rank < len(rngs) else rngs[0])",

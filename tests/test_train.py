@@ -409,6 +409,39 @@ def test_grad_norm_is_logged_before_clipping(tmp_path):
     assert norms["1e-6"][0] == pytest.approx(norms["0"][0], rel=1e-6) and norms["0"][0] > 1e-3
 
 
+def test_first_step_runs_at_the_first_warmup_learning_rate(tmp_path):
+    """The first optimizer step uses lr * LRSchedule(0) (= lr / warm-up steps): Adam's first update moves
+    each weight with a clear gradient by that learning rate; the log shows the next step's lr * LRSchedule(1)."""
+    out = tmp_path / "run"
+    train.main(shapes_args(out, "--max-steps", "1", "--warmup-steps", "4", "--weight-decay", "0"))
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    start = maris.build_model(ckpt["config"]).trainable_state_dict()  # the seeded build = the run's start
+    moved = max(float((ckpt["model"][k] - start[k]).abs().max()) for k in start)
+    assert moved == pytest.approx(1e-3 / 4, rel=1e-3)  # --lr 1e-3 (shapes_args), step 0 of 4 warm-up steps
+    assert log_records(out, "train")[0]["lr"] == pytest.approx(1e-3 * 2 / 4)
+
+
+@pytest.mark.filterwarnings("ignore:MARIS. RANDOM weights")
+def test_logged_grad_norm_covers_model_and_heads(tmp_path):
+    """The first logged grad_norm is the norm of every trained gradient, MagNet's heads' included,
+    recomputed here from the run's first batch."""
+    out = tmp_path / "run"
+    train.main(shapes_args(out, "--max-steps", "1", "--mask-grounding-weight", "0.1", "--alignment-weight", "0.1"))
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    model = maris.build_model(ckpt["config"])
+    step = maris.TrainStep(model, maris.build_heads(model.cfg, model)).train()
+    ds = data.ShapesDataset("train", image_size=64)
+    first = train.epoch_batches(16, batch_size=4, seed=0, epoch=0, rank=0, world=1)[0]  # --train-limit 16
+    batch = data.collate_images([ds[i] for i in first])
+    inputs, _ = data.batch_image_inputs(batch, device=torch.device("cpu"))
+    losses = train.batch_losses(step, batch, inputs, device=torch.device("cpu"), precision="fp32",
+                                generator=train.mask_word_generator(0, 0))
+    losses["loss"].backward()
+    grads = [p.grad.double().flatten() for p in step.parameters() if p.grad is not None]  # fp64: exact enough
+    assert any(p.grad is not None for p in step.heads.parameters())
+    assert log_records(out, "train")[0]["grad_norm"] == pytest.approx(float(torch.cat(grads).norm()), rel=1e-5)
+
+
 # --- MagNet's losses and RISAM's adapters ---
 
 def test_magnet_and_adapters_train_on_shapes(tmp_path):
