@@ -420,7 +420,7 @@ class EvalOptions:
     progress: bool = maris.option(True, "show progress bars")
     feature_cache: str | None = maris.option(
         None, "read SAM's frozen encoder outputs from this cache folder (written on first use; shared with "
-              "train.py --feature-cache; not with adapters)", auto="off")
+              "train.py --feature-cache; not with adapters)", auto="off", metavar="DIR")
     image: str | None = maris.option(None, "single-image mode: an image file", auto="split scoring")
     text: str | None = maris.option(None, "single-image mode: the referring expression", auto="none")
     out: str | None = maris.option(None, "single-image mode: overlay PNG path", auto="<image>_overlay.png")

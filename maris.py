@@ -1235,16 +1235,9 @@ class MagNetHeads(nn.Module):
 
 
 def build_heads(cfg: MarisConfig, model: MARIS | None = None) -> MagNetHeads:
-    """The heads the config's non-zero weights ask for (sizes from cfg).
-
-    Args:
-        cfg: the config (mask_grounding_* and alignment_* fields).
-        model: when given, the heads are moved to its device and dtype.
-
-    Returns:
-        MagNetHeads (possibly with no parameters when both weights are 0). Built under
-        `torch.manual_seed(cfg.init_seed)` like `build_maris` (the global RNG is restored), so
-        the config alone fixes their initial weights.
+    """The MagNet heads the config's non-zero weights ask for (none when both are 0), on `model`'s device
+    and dtype when given. Built under `torch.manual_seed(cfg.init_seed)` like `build_maris` (the global
+    RNG is restored), so the config alone fixes their initial weights.
 
     Raises:
         ValueError: a negative weight or an out-of-range ratio / temperature.

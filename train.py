@@ -122,7 +122,7 @@ class TrainOptions:
     # speed (README, "Performance")
     feature_cache: str | None = option(None, "cache folder of SAM's frozen encoder outputs (fp16, one file per "
                                              "image): the encoder runs once per image for the whole run, not once "
-                                             "per epoch; refused with --adapters", auto="off")
+                                             "per epoch; refused with --adapters", auto="off", metavar="DIR")
     rebuild_feature_cache: bool = option(False, "empty a --feature-cache built for another encoder or input size "
                                                 "instead of stopping")
     compile: bool = option(False, "torch.compile the trained modules (Feature Enhancement, Mutual-Aware Attention, "
