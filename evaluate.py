@@ -551,7 +551,8 @@ def open_cache(model: maris.MARIS, dataset, opts: EvalOptions, device: torch.dev
         return data.open_feature_cache(model, dataset, opts.feature_cache, encoder_sha256=encoder_sha256,
                                        precision=maris.effective_precision(device, opts.precision))
     except ValueError as e:
-        raise SystemExit(f"error: {e} (train.py: --rebuild-feature-cache)") from None
+        hint = "" if model.cfg.adapters else " (train.py: --rebuild-feature-cache)"
+        raise SystemExit(f"error: {e}{hint}") from None
 
 
 def write_report(opts: EvalOptions, ckpt: dict, results: dict, proto: dict, dataset_name: str,

@@ -503,22 +503,27 @@ def build_train_step(config: dict, opts: TrainOptions, device: torch.device) -> 
 def open_caches(run: Run) -> None:
     """Open --feature-cache for both splits: rank 0 first (emptying it with --rebuild-feature-cache), then the
     others; two ranks writing one image is harmless (each entry is renamed into place)."""
-    opts = run.opts
     # The encoder weights' hash (a full read of them, ~2.5 GB for ViT-H) is taken once per run; with
     # adapters there is none to take (open_feature_cache refuses them).
     encoder_sha256 = None if run.model.cfg.adapters else data.state_dict_sha256(run.model.image_encoder)
-    for turn in (True, False):  # rank 0's turn, then the others'
-        if run.main_process == turn:
-            kw = dict(precision=run.precision, encoder_sha256=encoder_sha256,
-                      rebuild=opts.rebuild_feature_cache and run.main_process)
-            try:
-                run.train_cache = data.open_feature_cache(run.model, run.train_set, opts.feature_cache, **kw)
-                if run.val_set is not None:
-                    run.val_cache = data.open_feature_cache(run.model, run.val_set, opts.feature_cache, **kw)
-            except ValueError as e:
-                raise SystemExit(f"error: {e} (--rebuild-feature-cache)") from None
-        if turn and run.world > 1:
-            dist.barrier()
+    if run.main_process:
+        open_split_caches(run, encoder_sha256, rebuild=run.opts.rebuild_feature_cache)
+    if run.world > 1:
+        dist.barrier()
+    if not run.main_process:
+        open_split_caches(run, encoder_sha256, rebuild=False)
+
+
+def open_split_caches(run: Run, encoder_sha256: str | None, *, rebuild: bool) -> None:
+    """Set run.train_cache and run.val_cache (`data.open_feature_cache`); its refusals end the run."""
+    kw = dict(precision=run.precision, encoder_sha256=encoder_sha256, rebuild=rebuild)
+    try:
+        run.train_cache = data.open_feature_cache(run.model, run.train_set, run.opts.feature_cache, **kw)
+        if run.val_set is not None:
+            run.val_cache = data.open_feature_cache(run.model, run.val_set, run.opts.feature_cache, **kw)
+    except ValueError as e:
+        hint = "" if run.model.cfg.adapters else " (--rebuild-feature-cache)"
+        raise SystemExit(f"error: {e}{hint}") from None
 
 
 def restore(run: Run, ckpt: dict, path: str) -> Progress:
@@ -566,8 +571,8 @@ def build_run(opts: TrainOptions, explicit: dict) -> tuple[Run, Progress]:
     opts, ckpt, resume = load_options(opts, explicit, rank == 0)
     config = model_config(opts) if ckpt is None else ckpt["config"]
     train_set, val_set = build_data(opts, config)
-    # The model and heads are seeded by the config (init_seed); the RNGs used while training differ
-    # per rank so that random choices (e.g. Mask Grounding's masking) do too.
+    # The model and heads are seeded by the config (init_seed); the global RNGs differ per rank, and
+    # Mask Grounding's word choice draws from a generator of its own (mask_word_generator).
     random.seed(opts.seed + rank)
     np.random.seed(opts.seed + rank)
     torch.manual_seed(opts.seed + rank)
