@@ -34,8 +34,10 @@ import contextlib
 import dataclasses
 import importlib
 import importlib.util
+import json
 import math
 import os
+import re
 import sys
 import typing
 import warnings
@@ -46,6 +48,7 @@ from functools import partial
 from pathlib import Path
 from types import ModuleType
 
+import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -1332,28 +1335,82 @@ def _is_torchscript(path: Path) -> bool:
         return any(name.endswith("/constants.pkl") for name in archive.namelist())
 
 
-def _read_state_dict(path: str | Path, what: str) -> dict[str, Tensor]:
-    """Read a tensor dict from a torch.save file or a TorchScript archive.
+def _is_safetensors(head: bytes, size: int) -> bool:
+    """Whether a file of `size` bytes starting with `head` (9 bytes) is a safetensors file: a
+    little-endian u64 header length, then the JSON header."""
+    return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") + 8 <= size
 
-    Accepts a flat state dict, `{"state_dict": ...}` / `{"model": ...}` wrappers and DDP's
-    `module.` prefixes. Raises ValueError naming the file when it cannot be read.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} checkpoint {path} does not exist")
+
+# A downloaded Hugging Face model folder holds one of these (the first found is read).
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                   "pytorch_model.bin.index.json")
+
+
+def _read_tensor_file(path: Path, what: str) -> dict:
+    """One file, told apart by its content: a sharded checkpoint's `*.index.json`, safetensors,
+    TorchScript or torch.save (read with weights_only)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:1] == b"{":
+        return _read_sharded(path, what)
     try:
+        if _is_safetensors(head, path.stat().st_size):
+            return safetensors.torch.load_file(path, device="cpu")
         if _is_torchscript(path):
             # OpenAI's released CLIP .pt files are TorchScript archives; torch.jit is
             # deprecated in recent torch but remains the only reader of those files.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
-                state = torch.jit.load(str(path), map_location="cpu").state_dict()
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or pickled non-tensor objects
+                return torch.jit.load(str(path), map_location="cpu").state_dict()
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a weight file, or pickled non-tensor objects
         first = (str(e).splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"{what} checkpoint {path} is not a readable torch file (truncated or "
+        raise ValueError(f"{what} checkpoint {path} is not a readable weight file (truncated or "
                          f"wrong format): {first}") from e
+
+
+def _read_sharded(index: Path, what: str) -> dict[str, Tensor]:
+    """The tensors of a sharded Hugging Face checkpoint, from its `*.index.json` (`weight_map`)."""
+    try:
+        weight_map = dict(json.loads(index.read_text())["weight_map"])  # {key: shard file name}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{what} checkpoint {index} is neither a weight file nor a sharded checkpoint's "
+                         f"index (a JSON file with a 'weight_map')") from e
+    state: dict[str, Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        if not (index.parent / shard).is_file():
+            raise FileNotFoundError(f"{what} checkpoint {index}: its shard {shard} is absent (incomplete "
+                                    f"download?)")
+        state.update(_read_tensor_file(index.parent / shard, what))
+    absent = [k for k in weight_map if k not in state]
+    if absent:
+        raise KeyError(f"{what} checkpoint {index}: key {absent[0]!r} is not in its shard "
+                       f"{weight_map[absent[0]]} ({len(absent)} keys absent)")
+    return state
+
+
+def _read_state_dict(path: str | Path, what: str) -> dict[str, Tensor]:
+    """Read a tensor dict from a file or a downloaded Hugging Face model folder.
+
+    Files: safetensors, a sharded checkpoint's `*.index.json`, torch.save (read with
+    weights_only) or a TorchScript archive, told apart by their content. A folder: the first of
+    `HF_WEIGHT_FILES` it holds. Accepts a flat state dict, `{"state_dict": ...}` / `{"model": ...}`
+    wrappers and DDP's `module.` prefixes.
+
+    Raises:
+        FileNotFoundError: the path, a folder's weight file or a shard is absent.
+        ValueError: the file cannot be read or holds no tensors (the file is named).
+        KeyError: a sharded checkpoint's index names a key that its shard lacks.
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = [path / name for name in HF_WEIGHT_FILES if (path / name).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{what} checkpoint folder {path} holds none of {', '.join(HF_WEIGHT_FILES)}")
+        path = found[0]
+    elif not path.is_file():
+        raise FileNotFoundError(f"{what} checkpoint {path} does not exist")
+    state = _read_tensor_file(path, what)
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -1366,63 +1423,263 @@ def _read_state_dict(path: str | Path, what: str) -> dict[str, Tensor]:
     return dict(state)
 
 
-def _first_mismatch(path, what, ours: dict[str, Tensor], theirs: dict[str, Tensor],
-                    hint: str = "") -> None:
-    """Raise naming the file and the first missing/unexpected key or differing shape."""
-    for k, v in ours.items():
-        if k not in theirs:
-            raise KeyError(f"{what} checkpoint {path}: missing key {k!r} (expected shape "
-                           f"{tuple(v.shape)}){hint}")
-        if theirs[k].shape != v.shape:
-            raise ValueError(f"{what} checkpoint {path}: key {k!r} has shape "
-                             f"{tuple(theirs[k].shape)}, the model expects {tuple(v.shape)}{hint}")
-    extra = [k for k in theirs if k not in ours]
-    if extra:
-        raise KeyError(f"{what} checkpoint {path}: unexpected key {extra[0]!r} with shape "
-                       f"{tuple(theirs[extra[0]].shape)} (the configured model has no such "
-                       f"weight){hint}")
+# Hugging Face `transformers` names -> the released names. A row is (transformers name, released
+# name); `{i}` stands for a layer index and `{p}` for the rest of the name. The first row whose
+# left side matches a key renames it; keys no row matches keep their names. Rows that send keys
+# to one name stack them along dim 0 in row order (CLIP's q, k, v -> in_proj).
+
+# transformers' `SamModel` (facebook/sam-vit-base|large|huge) -> segment-anything's `Sam`.
+SAM_HF_NAMES: tuple[tuple[str, str], ...] = (
+    ("vision_encoder.pos_embed", "image_encoder.pos_embed"),
+    ("vision_encoder.patch_embed.projection.{p}", "image_encoder.patch_embed.proj.{p}"),
+    ("vision_encoder.layers.{i}.layer_norm1.{p}", "image_encoder.blocks.{i}.norm1.{p}"),
+    ("vision_encoder.layers.{i}.layer_norm2.{p}", "image_encoder.blocks.{i}.norm2.{p}"),
+    ("vision_encoder.layers.{i}.{p}", "image_encoder.blocks.{i}.{p}"),  # attn.{qkv,proj,rel_pos_*}, mlp.lin*
+    ("vision_encoder.neck.conv1.{p}", "image_encoder.neck.0.{p}"),
+    ("vision_encoder.neck.layer_norm1.{p}", "image_encoder.neck.1.{p}"),
+    ("vision_encoder.neck.conv2.{p}", "image_encoder.neck.2.{p}"),
+    ("vision_encoder.neck.layer_norm2.{p}", "image_encoder.neck.3.{p}"),
+    ("vision_encoder.{p}", "image_encoder.{p}"),  # anything else: reported as unexpected
+    # The dense positional encoding P_v. transformers ties `prompt_encoder.shared_embedding` to it.
+    ("shared_image_embedding.positional_embedding",
+     "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"),
+    ("prompt_encoder.point_embed.{p}", "prompt_encoder.point_embeddings.{p}"),
+    ("prompt_encoder.mask_embed.conv1.{p}", "prompt_encoder.mask_downscaling.0.{p}"),
+    ("prompt_encoder.mask_embed.layer_norm1.{p}", "prompt_encoder.mask_downscaling.1.{p}"),
+    ("prompt_encoder.mask_embed.conv2.{p}", "prompt_encoder.mask_downscaling.3.{p}"),
+    ("prompt_encoder.mask_embed.layer_norm2.{p}", "prompt_encoder.mask_downscaling.4.{p}"),
+    ("prompt_encoder.mask_embed.conv3.{p}", "prompt_encoder.mask_downscaling.6.{p}"),
+    ("mask_decoder.transformer.layers.{i}.layer_norm1.{p}", "mask_decoder.transformer.layers.{i}.norm1.{p}"),
+    ("mask_decoder.transformer.layers.{i}.layer_norm2.{p}", "mask_decoder.transformer.layers.{i}.norm2.{p}"),
+    ("mask_decoder.transformer.layers.{i}.layer_norm3.{p}", "mask_decoder.transformer.layers.{i}.norm3.{p}"),
+    ("mask_decoder.transformer.layers.{i}.layer_norm4.{p}", "mask_decoder.transformer.layers.{i}.norm4.{p}"),
+    ("mask_decoder.transformer.layer_norm_final_attn.{p}", "mask_decoder.transformer.norm_final_attn.{p}"),
+    ("mask_decoder.upscale_conv1.{p}", "mask_decoder.output_upscaling.0.{p}"),
+    ("mask_decoder.upscale_layer_norm.{p}", "mask_decoder.output_upscaling.1.{p}"),
+    ("mask_decoder.upscale_conv2.{p}", "mask_decoder.output_upscaling.3.{p}"),
+    # SAM's 3-layer MLPs (`layers.0-2`): transformers names them proj_in, layers.0, proj_out.
+    ("mask_decoder.output_hypernetworks_mlps.{i}.proj_in.{p}",
+     "mask_decoder.output_hypernetworks_mlps.{i}.layers.0.{p}"),
+    ("mask_decoder.output_hypernetworks_mlps.{i}.layers.0.{p}",
+     "mask_decoder.output_hypernetworks_mlps.{i}.layers.1.{p}"),
+    ("mask_decoder.output_hypernetworks_mlps.{i}.proj_out.{p}",
+     "mask_decoder.output_hypernetworks_mlps.{i}.layers.2.{p}"),
+    ("mask_decoder.iou_prediction_head.proj_in.{p}", "mask_decoder.iou_prediction_head.layers.0.{p}"),
+    ("mask_decoder.iou_prediction_head.layers.0.{p}", "mask_decoder.iou_prediction_head.layers.1.{p}"),
+    ("mask_decoder.iou_prediction_head.proj_out.{p}", "mask_decoder.iou_prediction_head.layers.2.{p}"),
+    # Same names on both sides: prompt_encoder.{not_a_point_embed,no_mask_embed}, mask_decoder's
+    # iou_token, mask_tokens and the two-way transformer's attention and MLP weights.
+)
+
+# transformers' `CLIPModel` / `CLIPTextModelWithProjection` (openai/clip-vit-base-patch16) -> OpenAI's
+# CLIP text tower. `vision_model.*`, `visual_projection` and `logit_scale` are not part of it and
+# keep their names (unused); older files' `text_model.embeddings.position_ids` buffer is dropped.
+CLIP_HF_NAMES: tuple[tuple[str, str], ...] = (
+    ("text_model.embeddings.token_embedding.weight", "token_embedding.weight"),
+    ("text_model.embeddings.position_embedding.weight", "positional_embedding"),
+    ("text_model.encoder.layers.{i}.self_attn.q_proj.{p}", "transformer.resblocks.{i}.attn.in_proj_{p}"),
+    ("text_model.encoder.layers.{i}.self_attn.k_proj.{p}", "transformer.resblocks.{i}.attn.in_proj_{p}"),
+    ("text_model.encoder.layers.{i}.self_attn.v_proj.{p}", "transformer.resblocks.{i}.attn.in_proj_{p}"),
+    ("text_model.encoder.layers.{i}.self_attn.out_proj.{p}", "transformer.resblocks.{i}.attn.out_proj.{p}"),
+    ("text_model.encoder.layers.{i}.layer_norm1.{p}", "transformer.resblocks.{i}.ln_1.{p}"),
+    ("text_model.encoder.layers.{i}.mlp.fc1.{p}", "transformer.resblocks.{i}.mlp.c_fc.{p}"),
+    ("text_model.encoder.layers.{i}.mlp.fc2.{p}", "transformer.resblocks.{i}.mlp.c_proj.{p}"),
+    ("text_model.encoder.layers.{i}.layer_norm2.{p}", "transformer.resblocks.{i}.ln_2.{p}"),
+    ("text_model.final_layer_norm.{p}", "ln_final.{p}"),
+    # An nn.Linear weight (E_proj, E) in transformers, a matrix (E, E_proj) applied as x @ P in
+    # OpenAI's CLIP: transposed by `clip_state_from_hf`.
+    ("text_projection.weight", "text_projection"),
+)
+
+
+def _name_pattern(template: str) -> re.Pattern:
+    """Regex of a name-map template: `{i}` a layer index, `{p}` the rest of the name."""
+    return re.compile(re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>.+)"))
+
+
+def rename_state(state: dict[str, Tensor], table: tuple[tuple[str, str], ...], path="<state dict>",
+                 what: str = "") -> tuple[dict[str, Tensor], dict[str, tuple[str, ...]]]:
+    """Apply a name map (`SAM_HF_NAMES`, `CLIP_HF_NAMES`) to a state dict.
+
+    Returns:
+        (renamed state dict, {new name: the file's key(s) it came from}).
+
+    Raises:
+        KeyError: some, not all, of the keys stacked into one name are present (the absent one named).
+        ValueError: keys stacked into one name have shapes that do not stack, or two keys would
+            get one name.
+    """
+    rows = [(_name_pattern(src), dst) for src, dst in table]
+    sources: dict[str, dict[int, str]] = {}  # new name -> {row index: file key}
+    for key in state:
+        for r, (pattern, dst) in enumerate(rows):
+            match = pattern.fullmatch(key)
+            if match:
+                sources.setdefault(dst.format(**match.groupdict()), {})[r] = key
+                break
+        else:
+            sources.setdefault(key, {})[-1] = key
+    out, names = {}, {}
+    for name, found in sources.items():
+        r0 = min(found)
+        stack = [r for r, (_, dst) in enumerate(rows) if r0 >= 0 and dst == rows[r0][1]] or [r0]
+        if set(found) - set(stack):
+            raise ValueError(f"{what} checkpoint {path}: keys {sorted(found.values())} would all be "
+                             f"named {name!r} (a file mixing two naming schemes?)")
+        if len(stack) > 1:  # e.g. q, k, v; their groups are those of the row that matched first
+            groups = rows[r0][0].fullmatch(found[r0]).groupdict()
+            expected = {r: table[r][0].format(**groups) for r in stack}
+            absent = [k for r, k in expected.items() if r not in found]
+            if absent:
+                raise KeyError(f"{what} checkpoint {path}: missing key {absent[0]!r} (stacked with "
+                               f"{found[r0]!r} into {name!r})")
+            try:
+                out[name] = torch.cat([state[expected[r]] for r in stack])
+            except RuntimeError as e:
+                raise ValueError(f"{what} checkpoint {path}: keys {list(expected.values())} have shapes "
+                                 f"{[tuple(state[k].shape) for k in expected.values()]} that do not "
+                                 f"stack into {name!r}") from e
+            names[name] = tuple(expected.values())
+        else:
+            out[name], names[name] = state[found[r0]], (found[r0],)
+    return out, names
+
+
+def _released_to_hf(key: str, table: tuple[tuple[str, str], ...]) -> str | None:
+    """The transformers name of a released name by the first row that produces it, or None."""
+    for src, dst in table:
+        match = _name_pattern(dst).fullmatch(key)
+        if match:
+            return src.format(**match.groupdict())
+    return None
+
+
+def sam_state_from_hf(state: dict[str, Tensor], path="<state dict>"
+                      ) -> tuple[dict[str, Tensor], dict[str, tuple[str, ...]]]:
+    """transformers `SamModel` names -> segment-anything's (`SAM_HF_NAMES`); see `rename_state`."""
+    tied = "prompt_encoder.shared_embedding.positional_embedding"
+    if "shared_image_embedding.positional_embedding" not in state and tied in state:
+        state = {**state, "shared_image_embedding.positional_embedding": state[tied]}  # a file may hold either
+    return rename_state(state, SAM_HF_NAMES, path, "SAM")
+
+
+def clip_state_from_hf(state: dict[str, Tensor], path="<state dict>"
+                       ) -> tuple[dict[str, Tensor], dict[str, tuple[str, ...]]]:
+    """transformers CLIP names -> OpenAI's (`CLIP_HF_NAMES`; `text_projection` transposed)."""
+    if not any(k.startswith("text_model.") for k in state):
+        # transformers >= 5 saves a bare CLIPTextModel without the `text_model.` prefix.
+        state = {("text_model." + k if k.startswith(("embeddings.", "encoder.", "final_layer_norm.")) else k): v
+                 for k, v in state.items()}
+    # Older transformers saved the `position_ids` buffer (arange(L)) with the weights.
+    state = {k: v for k, v in state.items() if k != "text_model.embeddings.position_ids"}
+    out, names = rename_state(state, CLIP_HF_NAMES, path, "CLIP")
+    if out.get("text_projection") is not None and out["text_projection"].dim() == 2:
+        out["text_projection"] = out["text_projection"].t()  # (E_proj, E) -> (E, E_proj)
+    return out, names
+
+
+# torch's strict `load_state_dict` report: missing / unexpected key lists and size mismatches.
+_TORCH_KEY_LIST = re.compile(r'(Missing|Unexpected) key\(s\) in state_dict: ((?:"[^"]*"(?:, )?)+)')
+_TORCH_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape")
+
+
+def _check_strict(twin: nn.Module, state: dict[str, Tensor], *, path, what: str, prefix: str = "",
+                  names: dict[str, tuple[str, ...]] | None = None,
+                  table: tuple[tuple[str, str], ...] = (), hint: str = "") -> None:
+    """Torch's strict `load_state_dict` of `state` into `twin`, a meta-device copy of a model part.
+
+    With `assign=True` on meta tensors nothing is copied, so a bad file changes no weight of the
+    real model. Torch's report (missing / unexpected keys, size mismatches) becomes one line naming
+    the file and its first problem: a size mismatch first (it shows a configuration that does not
+    match the file), then a missing, then an unexpected key. Keys are named as in the file: `prefix`
+    + key, and for a converted (Hugging Face) file the file's own key by `names` / `table`.
+
+    Raises:
+        ValueError: a shape differs (key and both shapes named).
+        KeyError: a key is missing or unexpected.
+    """
+    try:
+        twin.load_state_dict(state, strict=True, assign=True)
+        return
+    except RuntimeError as e:
+        report, cause = str(e), e
+
+    def name(key: str) -> str:
+        full = prefix + key
+        if names is None:
+            return repr(full)
+        file_keys = names.get(full) or (_released_to_hf(full, table),)
+        shown = " + ".join(repr(k) for k in file_keys if k)
+        return f"{shown} ({full!r} in the released names)" if shown and file_keys != (full,) else repr(full)
+
+    lists = {kind: re.findall(r'"([^"]*)"', keys) for kind, keys in _TORCH_KEY_LIST.findall(report)}
+    sizes = _TORCH_SIZE_MISMATCH.findall(report)
+    count = len(sizes) + sum(len(v) for v in lists.values())
+    more = f" ({count} problems in all)" if count > 1 else ""
+    expected = twin.state_dict()  # meta tensors: the shapes the model expects
+    if sizes:
+        key = sizes[0]
+        raise ValueError(f"{what} checkpoint {path}: key {name(key)} has shape {tuple(state[key].shape)}, "
+                         f"the model expects {tuple(expected[key].shape)}{more}{hint}") from cause
+    if lists.get("Missing"):
+        key = lists["Missing"][0]
+        raise KeyError(f"{what} checkpoint {path}: missing key {name(key)} (expected shape "
+                       f"{tuple(expected[key].shape)}){more}{hint}") from cause
+    if lists.get("Unexpected"):
+        key = lists["Unexpected"][0]
+        raise KeyError(f"{what} checkpoint {path}: unexpected key {name(key)} with shape "
+                       f"{tuple(state[key].shape)} (the configured model has no such weight){more}{hint}") from cause
+    raise ValueError(f"{what} checkpoint {path}: {report.splitlines()[-1].strip()}{hint}") from cause
+
+
+def _meta_twin(model: MARIS) -> MARIS:
+    """A MARIS with the model's config on the meta device (no memory, nothing initialised)."""
+    with torch.device("meta"):
+        return MARIS(model.cfg)
 
 
 def sam_load_plan(model: MARIS, sam_state: dict[str, Tensor], path="<state dict>", *,
-                  load_mask_decoder: bool = True) -> dict:
-    """Match a SAM checkpoint's keys to the model's, without copying anything.
+                  load_mask_decoder: bool = True, names: dict[str, tuple[str, ...]] | None = None) -> dict:
+    """Match a SAM checkpoint's keys (segment-anything's names) to the model's, copying nothing.
 
-    Image encoder and `prompt_encoder.pe_layer`: strict (names and shapes). Mask decoder: each
-    model key loads from the same-named SAM key when the shapes match; the query token from
-    SAM's mask token 0 (`decoder_query_from_sam_mask_token`).
+    Image encoder and `prompt_encoder.pe_layer`: torch's strict `load_state_dict` checks, run on
+    a meta-device twin. Mask decoder: each model key loads from the same-named SAM key when the
+    shapes match; the query token from SAM's mask token 0 (`decoder_query_from_sam_mask_token`).
+
+    Args:
+        names: for a converted Hugging Face file, `sam_state_from_hf`'s {name: file key(s)}, so
+            errors and `unused` name the file's keys.
 
     Returns:
         dict(sources={model key: (SAM key, row slice or None)}, initialised=[model keys of the
-        decoder left at initialisation], unused=[SAM keys not used]).
+        decoder left at initialisation], unused=[checkpoint keys not used]).
 
     Raises:
         KeyError / ValueError: naming `path` and the first mismatching key and shapes.
     """
-    ours = model.state_dict()
-    sources: dict[str, tuple[str, slice | None]] = {}
-    strict_ours = {k: v for k, v in ours.items() if k.startswith("image_encoder.")}
-    strict_ours["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"] = \
-        ours["pe_layer.positional_encoding_gaussian_matrix"]
-    strict_theirs = {k: v for k, v in sam_state.items()
-                     if k.startswith("image_encoder.") or k.startswith("prompt_encoder.pe_layer.")}
-    if not strict_theirs:
+    if not any(k.startswith("image_encoder.") for k in sam_state):
         raise KeyError(f"SAM checkpoint {path} has no 'image_encoder.*' keys: not a SAM checkpoint "
                        f"(first keys: {list(sam_state)[:3]})")
     cfg = model.cfg
-    _first_mismatch(path, "SAM", strict_ours, strict_theirs,
-                    f"; the model is configured for image_size {cfg.image_size}, D "
-                    f"{cfg.sam_embed_dim}, depth {cfg.sam_depth}, C {cfg.embed_dim} (official SAM "
-                    f"checkpoints need S = 1024 and the matching vit_b/l/h preset)")
-    for k in strict_ours:
-        sources[k.replace("prompt_encoder.", "", 1) if k.startswith("prompt_encoder.") else k] = (k, None)
+    hint = (f"; the model is configured for image_size {cfg.image_size}, D {cfg.sam_embed_dim}, depth "
+            f"{cfg.sam_depth}, C {cfg.embed_dim} (official SAM checkpoints need S = 1024 and the "
+            f"matching vit_b/l/h preset)")
+    twin = _meta_twin(model)
+    sources: dict[str, tuple[str, slice | None]] = {}
+    for part, prefix in (("image_encoder", "image_encoder."), ("pe_layer", "prompt_encoder.pe_layer.")):
+        state = {k[len(prefix):]: v for k, v in sam_state.items() if k.startswith(prefix)}
+        _check_strict(getattr(twin, part), state, path=path, what="SAM", prefix=prefix, names=names,
+                      table=SAM_HF_NAMES, hint=hint)
+        sources.update({f"{part}.{k}": (prefix + k, None) for k in state})
 
+    ours = model.state_dict()
     initialised = []
     for k, v in ours.items():
         if not k.startswith("mask_decoder."):
             continue
         if k == "mask_decoder.query_token.weight":
             src = sam_state.get("mask_decoder.mask_tokens.weight")
-            if (load_mask_decoder and model.cfg.decoder_query_from_sam_mask_token
+            if (load_mask_decoder and cfg.decoder_query_from_sam_mask_token
                     and src is not None and src.shape[1:] == v.shape[1:]):
                 sources[k] = ("mask_decoder.mask_tokens.weight", slice(0, 1))
                 continue
@@ -1431,27 +1688,38 @@ def sam_load_plan(model: MARIS, sam_state: dict[str, Tensor], path="<state dict>
             continue
         initialised.append(k)
     used = {s for s, _ in sources.values()}
-    return dict(sources=sources, initialised=initialised,
-                unused=[k for k in sam_state if k not in used])
+    unused = [k for k in sam_state if k not in used]
+    if names is not None:
+        unused = [file_key for k in unused for file_key in names.get(k, (k,))]
+    return dict(sources=sources, initialised=initialised, unused=unused)
 
 
 def load_sam_checkpoint(model: MARIS, path: str | Path, *, load_mask_decoder: bool = True) -> dict:
-    """Load an official SAM checkpoint (`sam_vit_{b,l,h}_*.pth`) into the model.
+    """Load SAM's weights into the model: segment-anything's or Hugging Face's format.
+
+    Accepts an official checkpoint (`sam_vit_{b,l,h}_*.pth`, a flat state dict with
+    `image_encoder.*`, `prompt_encoder.*`, `mask_decoder.*`) or a transformers `SamModel` checkpoint
+    (facebook/sam-vit-base|large|huge: `model.safetensors`, `pytorch_model.bin`, the downloaded
+    folder, sharded or not), recognised by its `vision_encoder.*` keys and renamed by `SAM_HF_NAMES`.
+    On any error no weight of the model changes.
 
     Args:
         model: a MARIS whose encoder settings match the checkpoint.
-        path: flat state dict with `image_encoder.*`, `prompt_encoder.*`, `mask_decoder.*`.
+        path: the file or folder.
         load_mask_decoder: initialise the decoder from SAM's where names and shapes match.
 
     Returns:
         dict(loaded=[model keys loaded], initialised=[decoder keys left at initialisation],
-             unused=[checkpoint keys not used]).
+             unused=[checkpoint keys not used, as named in the file]).
 
     Raises:
         FileNotFoundError, ValueError, KeyError: naming the file and the first bad key/shapes.
     """
     state = _read_state_dict(path, "SAM")
-    plan = sam_load_plan(model, state, path, load_mask_decoder=load_mask_decoder)
+    names = None
+    if any(k.startswith("vision_encoder.") for k in state):
+        state, names = sam_state_from_hf(state, path)
+    plan = sam_load_plan(model, state, path, load_mask_decoder=load_mask_decoder, names=names)
     ours = model.state_dict()
     with torch.no_grad():
         for key, (src, rows) in plan["sources"].items():
@@ -1465,20 +1733,29 @@ _CLIP_TEXT_PREFIXES = ("token_embedding.", "positional_embedding", "transformer.
                        "text_projection")
 
 
-def load_clip_text(model: MARIS, path: str | Path) -> None:
-    """Load CLIP's text tower: OpenAI `.pt` (TorchScript), plain state dict, or open_clip.
+def clip_text_state(model: MARIS, state: dict[str, Tensor], path="<state dict>") -> dict[str, Tensor]:
+    """The text-tower weights of a CLIP state dict, in OpenAI's names, checked against the model.
 
-    Visual keys, `logit_scale` and other non-text keys are ignored; the text keys load strictly.
+    A transformers `CLIPModel` / `CLIPTextModelWithProjection` state dict (recognised by its
+    `text_model.*` keys) is converted by `CLIP_HF_NAMES` (q, k, v stacked into `in_proj`,
+    `text_projection` transposed); open_clip's `text.` prefix is removed. Visual keys, `logit_scale`
+    and other non-text keys are dropped; the text keys pass torch's strict `load_state_dict` checks
+    on a meta-device twin of `model.text_encoder`. Nothing is copied.
+
+    Returns:
+        {key of `model.text_encoder`: tensor}.
 
     Raises:
-        FileNotFoundError, ValueError, KeyError: naming the file and, for a mismatch, the first
-        mismatching key and its shapes; a context length or width that differs from the config
-        is reported as such.
+        KeyError, ValueError: naming `path` and the first mismatching key and shapes (as named in
+        the file); a context length or width that differs from the config is reported as such.
     """
-    state = _read_state_dict(path, "CLIP")
+    names = None
+    if any(k.startswith(("text_model.", "embeddings.token_embedding.")) for k in state):
+        state, names = clip_state_from_hf(state, path)
     if "token_embedding.weight" not in state and "text.token_embedding.weight" in state:
         state = {k[len("text."):]: v for k, v in state.items() if k.startswith("text.")}
-    text = {k: v for k, v in state.items() if k.startswith(_CLIP_TEXT_PREFIXES)}
+    # Keys left in transformers' text namespace match no row of the name map: unexpected.
+    text = {k: v for k, v in state.items() if k.startswith(_CLIP_TEXT_PREFIXES + ("text_model.",))}
     if "token_embedding.weight" not in text:
         raise KeyError(f"CLIP checkpoint {path} has no 'token_embedding.weight': not a CLIP text "
                        f"tower (first keys: {list(state)[:3]})")
@@ -1492,11 +1769,26 @@ def load_clip_text(model: MARIS, path: str | Path) -> None:
         raise ValueError(f"CLIP checkpoint {path}: context length {pos.shape[0]} "
                          f"(positional_embedding {tuple(pos.shape)}), the config has "
                          f"text_context_length {cfg.text_context_length}")
-    ours = model.text_encoder.state_dict()
-    _first_mismatch(path, "CLIP", ours, text)
-    with torch.no_grad():
-        for k, v in ours.items():
-            v.copy_(text[k].to(v.dtype))
+    _check_strict(_meta_twin(model).text_encoder, text, path=path, what="CLIP", names=names,
+                  table=CLIP_HF_NAMES)
+    return text
+
+
+def load_clip_text(model: MARIS, path: str | Path) -> None:
+    """Load CLIP's text tower: OpenAI's or Hugging Face's format.
+
+    Accepts OpenAI's `.pt` (TorchScript), plain state dicts with OpenAI's names, open_clip
+    checkpoints, and transformers' `CLIPModel` / `CLIPTextModelWithProjection` checkpoints
+    (openai/clip-vit-base-patch16: `model.safetensors`, `pytorch_model.bin`, the downloaded folder,
+    sharded or not); see `clip_text_state`. On any error no weight of the model changes.
+
+    Raises:
+        FileNotFoundError, ValueError, KeyError: naming the file and, for a mismatch, the first
+        mismatching key and its shapes; a context length or width that differs from the config
+        is reported as such.
+    """
+    text = clip_text_state(model, _read_state_dict(path, "CLIP"), path)
+    model.text_encoder.load_state_dict(text, strict=True)
 
 
 def build_maris(cfg: MarisConfig, *, sam_checkpoint: str | Path | None = None,
@@ -1508,9 +1800,11 @@ def build_maris(cfg: MarisConfig, *, sam_checkpoint: str | Path | None = None,
 
     Args:
         cfg: the config.
-        sam_checkpoint: official SAM checkpoint for the image encoder, its positional encoding
-            and (with `cfg.load_sam_mask_decoder`) the mask decoder.
-        clip_checkpoint: CLIP checkpoint for the text tower.
+        sam_checkpoint: SAM checkpoint (official `.pth`, or a Hugging Face facebook/sam-vit-*
+            file or folder; see `load_sam_checkpoint`) for the image encoder, its positional
+            encoding and (with `cfg.load_sam_mask_decoder`) the mask decoder.
+        clip_checkpoint: CLIP checkpoint for the text tower (OpenAI, open_clip, or a Hugging Face
+            openai/clip-vit-* file or folder; see `load_clip_text`).
 
     Returns:
         The model, in training mode (frozen encoders in eval mode).

@@ -1,13 +1,16 @@
 """Tests for maris.py: shapes, masking laws, shared attention logits, losses, weight loading,
 and a CPU overfit run. Everything uses the tiny preset (random frozen encoders) at small S."""
 import functools
+import json
 import os
+import pathlib
 import subprocess
 import sys
 import warnings
 from functools import partial
 
 import pytest
+import safetensors.torch
 import torch
 from hypothesis import given, strategies as st
 from torch import nn
@@ -666,6 +669,281 @@ def test_build_maris_warns_about_random_encoders(clip_files):
     _, paths = clip_files
     with pytest.warns(UserWarning, match=r"RANDOM weights in the frozen SAM image encoder \("):
         maris.build_maris(maris.make_config("tiny", image_size=32), clip_checkpoint=paths["plain"])
+
+
+# --- Hugging Face formats: tests/fixtures/hf, written by transformers itself ----------------------
+
+HF = pathlib.Path(__file__).resolve().parent / "fixtures" / "hf"
+# The MARIS config of the fixtures' tiny SamModel and CLIPTextModelWithProjection (SAM_TINY and
+# CLIP_TINY in tests/fixtures/hf/make_hf_fixtures.py; vocabulary of 64 ids, EOT = 63).
+HF_TINY = dict(image_size=64, sam_embed_dim=16, sam_depth=3, sam_num_heads=2, sam_global_attn_indexes=(2,),
+               sam_window_size=3, fe_taps=(0, 1, 2), embed_dim=16, maa_heads=2, decoder_heads=2,
+               decoder_mlp_dim=64, vocab_size=64, text_context_length=16, context_length=12, text_width=32,
+               text_layers=2, text_heads=4, text_embed_dim=24)
+DECODER_NOT_IN_SAM = ["mask_decoder.sentence_proj.weight", "mask_decoder.sentence_proj.bias"]
+
+
+@functools.lru_cache(maxsize=None)
+def hf_reference() -> dict[str, torch.Tensor]:
+    """Inputs and transformers' outputs on them (read-only)."""
+    return safetensors.torch.load_file(HF / "reference_outputs.safetensors")
+
+
+def hf_state(model: str) -> dict[str, torch.Tensor]:
+    """A fresh copy of a fixture's state dict in transformers' names."""
+    return safetensors.torch.load_file(HF / model / "model.safetensors")
+
+
+def hf_tiny(**overrides) -> maris.MARIS:
+    """A private MARIS with the fixtures' sizes (random weights until loaded)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return maris.build_maris(maris.make_config("tiny", **{**HF_TINY, **overrides})).eval()
+
+
+def hf_text() -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference ids (B, L) and their word mask, True through the first EOT (id 63)."""
+    ids = hf_reference()["clip.input_ids"]
+    eot = (ids == 63).int().argmax(1)  # (B,)
+    return ids, torch.arange(ids.shape[1])[None] <= eot[:, None]
+
+
+def encode_text(model: maris.MARIS) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        return model.encode_text(*hf_text())
+
+
+def test_hf_sam_folder_gives_transformers_image_embedding():
+    """A transformers SamModel folder loads strictly; the neck equals transformers' image embedding."""
+    model = hf_tiny()
+    report = maris.load_sam_checkpoint(model, HF / "sam-tiny")
+    assert report["initialised"] == DECODER_NOT_IN_SAM
+    assert "mask_decoder.iou_prediction_head.proj_in.weight" in report["unused"]  # named as in the file
+    ref = hf_reference()
+    with torch.no_grad():
+        neck = model.encode_image(ref["sam.pixel_values"])["neck"]
+    torch.testing.assert_close(neck, ref["sam.image_embeddings"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.mask_decoder.query_token.weight,
+                               hf_state("sam-tiny")["mask_decoder.mask_tokens.weight"][:1])
+
+
+def test_sam_name_map_makes_segment_anything_reproduce_transformers():
+    """Renamed by SAM_HF_NAMES, the file loads strictly into segment_anything's Sam, whose image
+    encoder, prompt encoder and mask decoder then give transformers' embedding, masks and IoUs."""
+    state, _ = maris.sam_state_from_hf(hf_state("sam-tiny"))
+    sam = small_sam(maris.make_config("tiny", **HF_TINY))
+    sam.load_state_dict(state, strict=True)
+    ref = hf_reference()
+    points, labels = ref["sam.input_points"][0], ref["sam.input_labels"][0]  # (1, n, 2), (1, n)
+    with torch.no_grad():
+        embedding = sam.image_encoder(ref["sam.pixel_values"])
+        sparse, dense = sam.prompt_encoder(points=(points, labels), boxes=None, masks=None)
+        masks, iou = sam.mask_decoder(image_embeddings=ref["sam.image_embeddings"],
+                                      image_pe=sam.prompt_encoder.get_dense_pe(), sparse_prompt_embeddings=sparse,
+                                      dense_prompt_embeddings=dense, multimask_output=True)
+    torch.testing.assert_close(embedding, ref["sam.image_embeddings"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(masks, ref["sam.pred_masks"][0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(iou, ref["sam.iou_scores"][0], atol=1e-5, rtol=1e-5)
+
+
+def test_hf_and_segment_anything_sam_files_load_identically(tmp_path):
+    """The same weights as a transformers file and as segment_anything's own .pth give identical models."""
+    state, _ = maris.sam_state_from_hf(hf_state("sam-tiny"))
+    sam = small_sam(maris.make_config("tiny", **HF_TINY))
+    sam.load_state_dict(state, strict=True)
+    torch.save(sam.state_dict(), tmp_path / "sam_tiny.pth")
+    from_hf, from_pth = hf_tiny(), hf_tiny()
+    report_hf = maris.load_sam_checkpoint(from_hf, HF / "sam-tiny" / "model.safetensors")
+    report_pth = maris.load_sam_checkpoint(from_pth, tmp_path / "sam_tiny.pth")
+    assert report_hf["loaded"] == report_pth["loaded"] and report_hf["initialised"] == report_pth["initialised"]
+    assert len(report_hf["unused"]) == len(report_pth["unused"])
+    a, b = from_hf.state_dict(), from_pth.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sam_tied_positional_encoding_loads_from_either_copy(tmp_path):
+    """transformers ties prompt_encoder.shared_embedding to shared_image_embedding: either copy gives P_v."""
+    sd = hf_state("sam-tiny")
+    expected = sd["shared_image_embedding.positional_embedding"]
+    both = {**sd, "prompt_encoder.shared_embedding.positional_embedding": expected.clone()}
+    only_tied = dict(both)
+    del only_tied["shared_image_embedding.positional_embedding"]
+    for name, state in (("both", both), ("only_tied", only_tied)):
+        safetensors.torch.save_file(state, tmp_path / f"{name}.safetensors")
+        model = hf_tiny()
+        maris.load_sam_checkpoint(model, tmp_path / f"{name}.safetensors")
+        assert torch.equal(model.pe_layer.positional_encoding_gaussian_matrix, expected), name
+
+
+def test_clip_text_tower_matches_transformers_reference():
+    """With transformers' CLIP weights (quick_gelu) our text tower gives its per-token last hidden
+    state and projected EOT feature: an independent reference (QuickGELU -> GELU moves them by ~5e-2)."""
+    model = hf_tiny()
+    maris.load_clip_text(model, HF / "clip-text-tiny")
+    F_w, F_s = encode_text(model)
+    ref = hf_reference()
+    torch.testing.assert_close(F_w, ref["clip.last_hidden_state"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(F_s, ref["clip.text_embeds"], atol=1e-5, rtol=1e-5)
+
+
+def test_hf_and_openai_named_clip_files_load_identically(tmp_path):
+    """The same weights as a transformers file and saved in OpenAI's names give identical features."""
+    openai_named, _ = maris.clip_state_from_hf(hf_state("clip-text-tiny"))
+    torch.save({**openai_named, "visual.proj": torch.zeros(3), "logit_scale": torch.ones([])}, tmp_path / "clip.pt")
+    from_hf, from_openai = hf_tiny(), hf_tiny()
+    maris.load_clip_text(from_hf, HF / "clip-text-tiny" / "model.safetensors")
+    maris.load_clip_text(from_openai, tmp_path / "clip.pt")
+    for x, y in zip(encode_text(from_hf), encode_text(from_openai)):
+        assert torch.equal(x, y)
+
+
+def write_layout(state: dict[str, torch.Tensor], folder: pathlib.Path, layout: str) -> pathlib.Path:
+    """Write a state dict as a downloaded Hugging Face model folder (or file) of the given layout."""
+    folder.mkdir()
+    keys = list(state)
+    if layout in ("safetensors-shards", "bin-shards"):
+        suffix, save = ((".safetensors", safetensors.torch.save_file) if layout == "safetensors-shards"
+                        else (".bin", torch.save))
+        weight_map = {}
+        for n, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:]), start=1):
+            shard = f"model-{n:05d}-of-00002{suffix}"
+            save({k: state[k] for k in part}, folder / shard)
+            weight_map.update({k: shard for k in part})
+        index = "model.safetensors.index.json" if suffix == ".safetensors" else "pytorch_model.bin.index.json"
+        (folder / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        return folder
+    if layout == "bin":
+        torch.save(state, folder / "pytorch_model.bin")
+        return folder
+    safetensors.torch.save_file(state, folder / "weights.pt")  # safetensors under a misleading name
+    return folder / "weights.pt"
+
+
+@pytest.mark.parametrize("layout", ["safetensors-shards", "bin-shards", "bin", "renamed-file"])
+def test_hf_weights_read_from_every_layout(tmp_path, layout):
+    """Sharded safetensors / .bin folders, a pytorch_model.bin folder and a safetensors file with
+    another name (told by its content) load the same CLIP tower as model.safetensors."""
+    path = write_layout(hf_state("clip-text-tiny"), tmp_path / layout, layout)
+    reference, model = hf_tiny(), hf_tiny()
+    maris.load_clip_text(reference, HF / "clip-text-tiny")
+    maris.load_clip_text(model, path)
+    a, b = reference.text_encoder.state_dict(), model.text_encoder.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_hf_clip_model_vision_keys_and_position_ids_are_ignored(tmp_path):
+    """A whole CLIPModel file (vision tower, logit_scale, older files' position_ids buffer) loads its text tower."""
+    sd = hf_state("clip-text-tiny")
+    sd.update({"vision_model.embeddings.patch_embedding.weight": torch.randn(8, 3, 4, 4),
+               "visual_projection.weight": torch.randn(24, 8), "logit_scale": torch.tensor(4.6),
+               "text_model.embeddings.position_ids": torch.arange(16)[None],
+               "vision_model.embeddings.position_ids": torch.arange(5)[None]})
+    safetensors.torch.save_file(sd, tmp_path / "model.safetensors")
+    model = hf_tiny()
+    maris.load_clip_text(model, tmp_path)
+    torch.testing.assert_close(encode_text(model)[1], hf_reference()["clip.text_embeds"], atol=1e-5, rtol=1e-5)
+
+
+def meta_manifest(hub_name: str) -> dict[str, torch.Tensor]:
+    """The real checkpoint's keys as meta tensors of its shapes (tests/fixtures/hf/manifests.json)."""
+    shapes = json.loads((HF / "manifests.json").read_text())[hub_name]
+    return {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
+
+
+@pytest.mark.parametrize("hub_name, preset", [("facebook/sam-vit-base", "vit_b"), ("facebook/sam-vit-huge", "vit_h")])
+def test_sam_name_map_covers_the_real_checkpoints(hub_name, preset):
+    """Renamed by SAM_HF_NAMES, the real checkpoint's keys and shapes are exactly segment_anything's
+    sam_model_registry model's, and a MARIS of the preset plans the load as from the .pth."""
+    build_sam = __import__("segment_anything.build_sam", fromlist=["sam_model_registry"])
+    state, names = maris.sam_state_from_hf(meta_manifest(hub_name))
+    with torch.device("meta"):
+        sam = build_sam.sam_model_registry[preset]()
+        model = maris.MARIS(maris.make_config(preset))
+    assert {k: tuple(v.shape) for k, v in state.items()} == {k: tuple(v.shape) for k, v in sam.state_dict().items()}
+    plan = maris.sam_load_plan(model, state, hub_name, names=names)
+    assert plan["initialised"] == DECODER_NOT_IN_SAM
+    assert {"image_encoder." + k for k in sam.image_encoder.state_dict()} <= set(plan["sources"])
+
+
+def test_clip_name_map_covers_the_real_checkpoint():
+    """Renamed by CLIP_HF_NAMES, openai/clip-vit-base-patch16's text keys pass the strict checks of
+    the vit_b preset's OpenAI-named text tower, and its vision keys are left out."""
+    with torch.device("meta"):
+        model = maris.MARIS(maris.make_config("vit_b"))
+    text = maris.clip_text_state(model, meta_manifest("openai/clip-vit-base-patch16"), "clip-vit-base-patch16")
+    assert set(text) == set(model.text_encoder.state_dict())
+    assert text["transformer.resblocks.11.attn.in_proj_weight"].shape == (3 * 512, 512)
+
+
+def test_hf_bad_files_give_clear_errors(tmp_path):
+    """Truncated, partial, mis-sized or incompletely downloaded Hugging Face files raise one line
+    naming the file and the first bad key as the file names it, with its shapes."""
+    def save(state, name):
+        safetensors.torch.save_file(state, tmp_path / name)
+        return tmp_path / name
+
+    (tmp_path / "cut.safetensors").write_bytes((HF / "sam-tiny" / "model.safetensors").read_bytes()[:20000])
+    with pytest.raises(ValueError, match="cut.safetensors is not a readable weight file"):
+        maris.load_sam_checkpoint(hf_tiny(), tmp_path / "cut.safetensors")
+    extra = save({**hf_state("sam-tiny"), "vision_encoder.extra_norm.weight": torch.zeros(2)}, "extra.safetensors")
+    with pytest.raises(KeyError, match=r"extra.safetensors: unexpected key 'vision_encoder\.extra_norm\.weight'"
+                                       r".*\(2,\)"):
+        maris.load_sam_checkpoint(hf_tiny(), extra)
+    # A model for another image size: the size mismatch is named first (it shows the config is off).
+    with pytest.raises(ValueError, match=r"'vision_encoder\.pos_embed' \('image_encoder\.pos_embed' in the released "
+                                         r"names\) has shape \(1, 4, 4, 16\), the model expects \(1, 2, 2, 16\) "
+                                         r"\(\d+ problems in all\)"):
+        maris.load_sam_checkpoint(hf_tiny(image_size=32), extra)
+    sd = hf_state("sam-tiny")
+    del sd["vision_encoder.neck.conv1.weight"]
+    with pytest.raises(KeyError, match=r"partial.safetensors: missing key 'vision_encoder\.neck\.conv1\.weight' "
+                                       r"\('image_encoder\.neck\.0\.weight' .*\(16, 16, 1, 1\)"):
+        maris.load_sam_checkpoint(hf_tiny(), save(sd, "partial.safetensors"))
+
+    sd = hf_state("clip-text-tiny")
+    del sd["text_model.encoder.layers.1.self_attn.k_proj.weight"]
+    with pytest.raises(KeyError, match=r"no_k.safetensors: missing key 'text_model\.encoder\.layers\.1\.self_attn"
+                                       r"\.k_proj\.weight'"):
+        maris.load_clip_text(hf_tiny(), save(sd, "no_k.safetensors"))
+    sd = {k[len("text_model."):]: v for k, v in hf_state("clip-text-tiny").items() if k.startswith("text_model.")}
+    with pytest.raises(KeyError, match=r"bare.safetensors: missing key 'text_projection\.weight' \('text_projection'"):
+        maris.load_clip_text(hf_tiny(), save(sd, "bare.safetensors"))  # transformers 5's CLIPTextModel layout
+    sd = {**hf_state("clip-text-tiny"), "text_model.encoder.layers.0.self_attn.extra": torch.zeros(3)}
+    with pytest.raises(KeyError, match=r"unexpected key 'text_model\.encoder\.layers\.0\.self_attn\.extra'"):
+        maris.load_clip_text(hf_tiny(), save(sd, "extra_text.safetensors"))
+    sd = {**hf_state("clip-text-tiny"), "text_model.final_layer_norm.weight": torch.ones(5)}
+    with pytest.raises(ValueError, match=r"'text_model\.final_layer_norm\.weight' \('ln_final\.weight' in the "
+                                         r"released names\) has shape \(5,\), the model expects \(32,\)"):
+        maris.load_clip_text(hf_tiny(), save(sd, "ln.safetensors"))
+
+    folder = write_layout(hf_state("clip-text-tiny"), tmp_path / "shards", "safetensors-shards")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"]["text_model.lost.weight"] = "model-00001-of-00002.safetensors"  # in no shard
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(KeyError, match=r"index.json: key 'text_model.lost.weight' is not in its shard "
+                                       r"model-00001-of-00002.safetensors"):
+        maris.load_clip_text(hf_tiny(), folder)
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"shard model-00002-of-00002.safetensors is absent"):
+        maris.load_clip_text(hf_tiny(), folder)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty holds none of model.safetensors"):
+        maris.load_clip_text(hf_tiny(), tmp_path / "empty")
+
+
+def test_failed_load_changes_no_weight(tmp_path):
+    """A file failing the strict checks at its last key leaves every weight of the model as it was."""
+    model = hf_tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    clip = {**hf_state("clip-text-tiny"), "text_model.final_layer_norm.bias": torch.zeros(5)}
+    safetensors.torch.save_file(clip, tmp_path / "clip.safetensors")
+    with pytest.raises(ValueError, match="final_layer_norm"):
+        maris.load_clip_text(model, tmp_path / "clip.safetensors")
+    sam = {**hf_state("sam-tiny"), "vision_encoder.neck.layer_norm2.bias": torch.zeros(5)}
+    safetensors.torch.save_file(sam, tmp_path / "sam.safetensors")
+    with pytest.raises(ValueError, match="neck.layer_norm2"):
+        maris.load_sam_checkpoint(model, tmp_path / "sam.safetensors")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 # --- command line and overfitting ----------------------------------------------------------
