@@ -20,6 +20,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 import ftfy
 import numpy as np
@@ -160,7 +161,8 @@ def tokenize(texts: str | list[str], context_length: int) -> tuple[torch.Tensor,
         context_length: L, the row length (at least 2: SOT and EOT).
     Returns:
         ids LongTensor (B, L): SOT, tokens, EOT, then PAD_ID; an overflowing expression keeps SOT,
-        is cut, and gets EOT in the last slot (CLIP's `truncate=True`).
+        is cut, and gets EOT in the last slot (CLIP's `truncate=True`), with one
+        `TextTruncatedWarning` per call saying how many tokens were kept (`fit_text` gives the text read).
         word_mask BoolTensor (B, L): True from SOT through EOT. Built from the lengths, never from
         `ids == 0`, because id 0 is the real token "!".
     Raises:
@@ -173,14 +175,19 @@ def tokenize(texts: str | list[str], context_length: int) -> tuple[torch.Tensor,
     tok = get_tokenizer()
     ids = torch.full((len(texts), context_length), PAD_ID, dtype=torch.long)  # (B, L)
     lengths = torch.zeros(len(texts), dtype=torch.long)  # (B,)
+    cut = []  # (row, text tokens) of every expression longer than L - 2 text tokens
     for b, text in enumerate(texts):
-        row = [SOT_ID, *tok.encode(text), EOT_ID]
+        tokens = tok.encode(text)
+        row = [SOT_ID, *tokens, EOT_ID]
         if len(row) > context_length:
             row = row[:context_length]
             row[-1] = EOT_ID
+            cut.append((b, len(tokens)))
         ids[b, : len(row)] = torch.tensor(row)
         lengths[b] = len(row)
     word_mask = torch.arange(context_length)[None, :] < lengths[:, None]  # (B, L)
+    if cut:
+        _warn_cut(texts, cut, context_length)
     return ids, word_mask
 
 
@@ -200,6 +207,56 @@ def decode(ids: torch.Tensor) -> str | list[str]:
             row = row[: row.index(EOT_ID)]
         return get_tokenizer().decode(row).strip()
     return [decode(r) for r in ids]
+
+
+# --- Expressions longer than the context length: say so, and say what the model reads ---
+
+class TextTruncatedWarning(UserWarning):
+    """An expression had more tokens than the context length L holds; the model reads only the first ones."""
+
+
+class FittedText(NamedTuple):
+    """What the model reads of one expression (`fit_text`). Token counts leave out SOT and EOT."""
+
+    text: str  # the kept tokens decoded (CLIP's cleaned, lower-cased form)
+    kept: int  # tokens the model reads: min(total, L - 2)
+    total: int  # tokens of the whole expression
+
+    @property
+    def cut(self) -> bool:
+        return self.kept < self.total
+
+
+def fit_text(text: str, context_length: int) -> FittedText:
+    """The part of `text` that fits in a `tokenize(text, context_length)` row, decoded, with token counts.
+
+    Args:
+        text: one expression.  context_length: L (at least 2).
+    Returns:
+        FittedText(text, kept, total): `text` is `decode` of the kept ids, so it is what the model reads.
+    Raises:
+        ValueError: context_length < 2.
+    """
+    if context_length < 2:
+        raise ValueError(f"context_length must be at least 2 (SOT and EOT), got {context_length}")
+    tokens = get_tokenizer().encode(text)
+    kept = tokens[: context_length - 2]  # the same cut as `tokenize`: SOT + kept + EOT = L
+    return FittedText(get_tokenizer().decode(kept).strip(), len(kept), len(tokens))
+
+
+def _warn_cut(texts: list[str], cut: list[tuple[int, int]], context_length: int) -> None:
+    """One TextTruncatedWarning for a `tokenize` call that cut `cut` = [(row, tokens), ...]."""
+    keep = context_length - 2
+    if len(texts) == 1:
+        read = fit_text(texts[0], context_length).text
+        message = (f"expression cut to the context length L = {context_length}: the model reads {keep} of its "
+                   f"{cut[0][1]} tokens: \"{read}\"")
+    else:
+        first, tokens = cut[0]
+        message = (f"{len(cut)} of {len(texts)} expressions are longer than the context length L = {context_length} "
+                   f"and were cut to {keep} tokens (the longest has {max(n for _, n in cut)}; the first cut is "
+                   f"#{first}, kept {keep} of {tokens}); data.fit_text(text, L) gives what the model reads")
+    warnings.warn(message, TextTruncatedWarning, stacklevel=3)  # points at the caller of tokenize
 
 
 # ============================================================================================

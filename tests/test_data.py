@@ -796,3 +796,47 @@ def test_feature_cache_killed_write_leaves_no_entry(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("*.tmp"))  # the half-written temporary file is removed too
     with pytest.raises(ValueError, match="5.npy"):
         cache.load([5])
+
+
+# ============================================================================================
+# Expressions longer than the context length
+# ============================================================================================
+
+LONG = "the man in the red shirt standing to the left of the tall woman"  # 14 tokens
+
+
+def test_cut_expression_warns_with_kept_and_total_tokens():
+    """Cutting one expression warns once, saying it kept L - 2 of its tokens and what the model reads."""
+    assert len(data.get_tokenizer().encode(LONG)) == 14
+    with pytest.warns(data.TextTruncatedWarning, match='reads 6 of its 14 tokens: "the man in the red shirt"') as got:
+        data.tokenize(LONG, 8)
+    assert len(got) == 1
+
+
+def test_cut_batch_warns_once_with_counts():
+    """A batch with several cut expressions gives one warning counting them."""
+    with pytest.warns(data.TextTruncatedWarning, match=r"2 of 3 expressions .* L = 8 .* longest has 14") as got:
+        data.tokenize([LONG, "a dog", LONG[:40]], 8)
+    assert len(got) == 1
+
+
+def test_expressions_that_fit_do_not_warn():
+    """No warning when every expression fits (exactly L tokens with SOT and EOT fits)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data.tokenize(["a dog", LONG], 16)
+
+
+@given(texts, st.integers(2, 30))
+def test_fit_text_is_what_the_row_holds(text, L):
+    """fit_text gives the decoded row of tokenize and the counts of the tokenizer's own encoding."""
+    import warnings
+    tokens = data.get_tokenizer().encode(text)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", data.TextTruncatedWarning)
+        ids, mask = data.tokenize(text, L)
+    fitted = data.fit_text(text, L)
+    assert fitted.text == data.decode(ids[0])
+    assert (fitted.kept, fitted.total) == (int(mask.sum()) - 2, len(tokens))
+    assert fitted.cut == (len(tokens) > L - 2)
