@@ -510,7 +510,8 @@ def gt_at_eval_size(gt: torch.Tensor, eval_size: int | None) -> torch.Tensor:
 # --- Overlay pictures ---
 # The prediction is a translucent azure fill with a solid azure line just inside its boundary; the
 # ground truth is a yellow line just outside its boundary, so a perfect prediction shows both lines side
-# by side. Each line has a dark edge that keeps it visible on light, dark and same-coloured objects.
+# by side. Each line lies between two dark edges, which keep it visible on light, dark and same-coloured
+# objects.
 # Azure is the complement of red (red objects, skin); yellow stays apart from it for red-green colour
 # blindness. Line widths grow with the picture (`_line_width`).
 
@@ -675,9 +676,9 @@ def draw_overlay(image: Image.Image, pred: np.ndarray, caption: str, *, gt: np.n
                  iou: float | None = None, context_length: int | None = None) -> Image.Image:
     """The picture with the prediction and ground truth drawn on it, over a band with a legend and the caption.
 
-    Prediction: translucent `PRED_COLOR` fill, `PRED_COLOR` line inside its boundary with a dark edge;
+    Prediction: translucent `PRED_COLOR` fill, `PRED_COLOR` line inside its boundary between dark edges;
     an empty prediction gets the mark "no mask predicted" (white on `EMPTY_MARK_COLOR`) at the top left.
-    Ground truth: `GT_COLOR` line outside its boundary with a dark edge. Line width grows with the
+    Ground truth: `GT_COLOR` line outside its boundary between dark edges. Line width grows with the
     picture. The band holds the legend (prediction, ground truth, IoU) and the caption, word-wrapped,
     in DejaVu Sans when the system has it (non-Latin text draws) else Pillow's default font. The caption
     takes at most `MAX_CAPTION_SHARE` of the picture's height (at least one line); a longer one ends in "…".
@@ -712,7 +713,7 @@ def draw_overlay(image: Image.Image, pred: np.ndarray, caption: str, *, gt: np.n
         text_h, pad = font.getbbox("Ag")[3], px // 2
         draw = ImageDraw.Draw(picture)
         mark = (0, 0, 2 * pad + font.getlength(EMPTY_MARK_TEXT), text_h + px // 4 + pad)
-        draw.rectangle(mark, fill=EMPTY_MARK_COLOR)
+        draw.rectangle(mark, fill=EMPTY_MARK_COLOR, outline=EDGE_COLOR, width=max(1, px // 10))  # edged, as the lines
         draw.text((pad, pad // 2 + px // 8), EMPTY_MARK_TEXT, fill=TEXT_COLOR, font=font)
     legend = [("pred", "prediction")] + ([("gt", "ground truth")] if gt is not None else [])
     legend += [(None, f"IoU {iou:.3f}")] if iou is not None else []
@@ -725,20 +726,25 @@ def draw_overlay(image: Image.Image, pred: np.ndarray, caption: str, *, gt: np.n
 
 
 def _paint_masks(rgb: np.ndarray, pred: np.ndarray, gt: np.ndarray | None) -> np.ndarray:
-    """(H, W, 3) uint8 picture with the prediction's fill and line and the ground truth's line (see draw_overlay)."""
+    """(H, W, 3) uint8 picture with the prediction's fill and line and the ground truth's line (see draw_overlay).
+
+    Each coloured line, w px wide, lies between two dark edges, e px wide: the prediction's just inside its
+    boundary (edge, line, edge, then the fill), the ground truth's just outside (edge, line, edge), so the
+    object itself is not covered and a line stays visible on an object of its own colour.
+    """
     height, width = pred.shape
     w = _line_width(width, height)
     e = max(1, w // 2)  # dark edge width
     out = rgb.copy()  # (H, W, 3)
     tint = (1 - PRED_FILL_ALPHA) * rgb[pred] + PRED_FILL_ALPHA * np.asarray(PRED_COLOR, np.float32)  # (P, 3)
     out[pred] = tint.round().astype(np.uint8)
-    inner = _erode(pred, w)
-    out[pred & ~inner] = PRED_COLOR  # the line just inside the prediction's boundary
-    out[inner & ~_erode(pred, w + e)] = EDGE_COLOR
+    shrunk = [pred] + [_erode(pred, r) for r in (e, e + w, 2 * e + w)]  # the prediction shrunk by 0, e, e+w, 2e+w
+    out[shrunk[0] & ~shrunk[3]] = EDGE_COLOR
+    out[shrunk[1] & ~shrunk[2]] = PRED_COLOR
     if gt is not None:
-        outer = _dilate(gt, w)
-        out[_dilate(gt, w + e) & ~outer] = EDGE_COLOR
-        out[outer & ~gt] = GT_COLOR  # the line just outside the ground truth's boundary
+        grown = [gt] + [_dilate(gt, r) for r in (e, e + w, 2 * e + w)]
+        out[grown[3] & ~grown[0]] = EDGE_COLOR
+        out[grown[2] & ~grown[1]] = GT_COLOR
     return out
 
 

@@ -413,7 +413,7 @@ def test_evaluate_under_torchrun_matches_one_process(tiny_checkpoint, tmp_path):
 
 
 # --- overlay pictures: colours, legend, marks, captions ---
-# A 200 x 150 grey picture is enlarged 2x to 400 x 300, where the line width is 2 px and the dark edge 1 px.
+# A 200 x 150 grey picture is enlarged 2x to 400 x 300, where the line width is 2 px and each dark edge 1 px.
 
 GREY = (128, 128, 128)
 
@@ -435,31 +435,34 @@ def _has(region, color, at_least=4):
 
 
 def test_overlay_lines_fill_and_edges_at_known_places():
-    """Prediction: tinted fill, a PRED_COLOR line just inside its boundary, a dark edge inside that; ground truth:
-    a GT_COLOR line just outside its boundary with a dark edge beyond; elsewhere the picture is untouched."""
+    """Prediction: from its boundary inwards a dark edge, a 2 px PRED_COLOR line, a dark edge, the tinted fill;
+    ground truth: from its boundary outwards a dark edge, a 2 px GT_COLOR line, a dark edge; elsewhere the
+    picture is untouched."""
     pred, gt = _boxes()
     out = np.asarray(evaluate.draw_overlay(Image.new("RGB", (200, 150), GREY), pred, "x", gt=gt))  # 2x: 400 x 300
     row = 2 * 70  # crosses the prediction's left side at x = 100 and the GT's left side at x = 120
-    assert tuple(out[row, 100]) == tuple(out[row, 101]) == evaluate.PRED_COLOR  # 2 px line inside the boundary
-    assert tuple(out[row, 102]) == evaluate.EDGE_COLOR  # its dark edge
+    assert tuple(out[row, 100]) == tuple(out[row, 103]) == evaluate.EDGE_COLOR
+    assert tuple(out[row, 101]) == tuple(out[row, 102]) == evaluate.PRED_COLOR
     fill = [round(0.55 * 128 + 0.45 * c) for c in evaluate.PRED_COLOR]
     assert np.abs(out[row, 110].astype(int) - fill).max() <= 1  # translucent fill inside
-    assert tuple(out[row, 118]) == tuple(out[row, 119]) == evaluate.GT_COLOR  # 2 px line outside the GT
-    assert tuple(out[row, 117]) == evaluate.EDGE_COLOR
+    assert tuple(out[row, 119]) == tuple(out[row, 116]) == evaluate.EDGE_COLOR
+    assert tuple(out[row, 118]) == tuple(out[row, 117]) == evaluate.GT_COLOR
+    assert tuple(out[row, 120]) != evaluate.EDGE_COLOR  # the object itself is not covered by the GT's line
     assert tuple(out[row, 99]) == tuple(out[10, 10]) == GREY  # outside both masks: untouched
 
 
 @pytest.mark.parametrize("background", [(220, 40, 40), (255, 255, 255), (0, 0, 0), (255, 220, 0), (0, 190, 255)])
 def test_overlay_lines_stand_out_on_any_background(background):
-    """On a red, white, black, yellow or azure picture each line has a strongly different colour or a dark edge
-    beside it that does."""
+    """On a red, white, black, yellow or azure picture each line has a strongly different colour or dark edges
+    on both sides that do."""
     pred, gt = _boxes()
     out = np.asarray(evaluate.draw_overlay(Image.new("RGB", (200, 150), background), pred, "x", gt=gt)).astype(int)
     bg = np.asarray(background)
     row = 2 * 70
-    for line, edge in ((100, 102), (118, 117)):  # (prediction line, its edge), (GT line, its edge)
-        contrast = max(np.abs(out[row, line] - bg).sum(), np.abs(out[row, edge] - bg).sum())
-        assert contrast >= 250, (background, line, out[row, line], out[row, edge])
+    for line, edges in ((101, (100, 103)), (117, (116, 119))):  # prediction's line, GT's line: x and edges' x
+        edge_contrast = min(np.abs(out[row, x] - bg).sum() for x in edges)
+        contrast = max(np.abs(out[row, line] - bg).sum(), edge_contrast)
+        assert contrast >= 250, (background, line, out[row, line], out[row, edges[0]])
     if background == (220, 40, 40):  # the translucent fill itself parts from a red object (a magenta tint: 131)
         assert np.abs(out[row, 110] - bg).sum() >= 200
 
@@ -495,8 +498,9 @@ def test_empty_prediction_shows_the_mark():
     image = Image.new("RGB", (200, 150), GREY)
     empty = np.asarray(evaluate.draw_overlay(image, np.zeros_like(pred), "x", gt=gt))
     full = np.asarray(evaluate.draw_overlay(image, pred, "x", gt=gt))
-    assert tuple(empty[2, 2]) == evaluate.EMPTY_MARK_COLOR and _has(empty[:40, :200], (255, 255, 255), 10)
-    assert tuple(full[2, 2]) == GREY
+    assert tuple(empty[4, 4]) == evaluate.EMPTY_MARK_COLOR and _has(empty[:40, :200], (255, 255, 255), 10)
+    assert tuple(empty[0, 0]) == evaluate.EDGE_COLOR  # its dark edge, for red pictures
+    assert tuple(full[4, 4]) == GREY
 
 
 NON_ASCII = "café crème, Ελληνικά, кириллица, 日本語, 🐶"
