@@ -868,7 +868,7 @@ def test_16_bit_grey_is_scaled_by_its_full_range(tmp_path, mode, suffix):
 
 
 def test_32_bit_integer_grey_uses_the_16_bit_scale_or_stretches(tmp_path):
-    """Mode I with values in 0..65535 reads on the 16-bit scale; values beyond it are stretched min..max, with a warning."""
+    """Mode I with values in 0..65535 reads on the 16-bit scale; wider values are stretched min..max, with a warning."""
     path = _save(Image.fromarray(np.array([[0, 32768, 50000]], np.int32)), tmp_path / "i32.tif")
     assert Image.open(path).mode == "I"
     assert np.asarray(data.load_rgb(path))[0, :, 0].tolist() == [0, 128, 195]  # 50000 / 257 = 194.6
