@@ -21,13 +21,14 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 import ftfy
 import numpy as np
 import regex
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
@@ -161,7 +162,8 @@ def tokenize(texts: str | list[str], context_length: int) -> tuple[torch.Tensor,
         context_length: L, the row length (at least 2: SOT and EOT).
     Returns:
         ids LongTensor (B, L): SOT, tokens, EOT, then PAD_ID; an overflowing expression keeps SOT,
-        is cut, and gets EOT in the last slot (CLIP's `truncate=True`).
+        is cut, and gets EOT in the last slot (CLIP's `truncate=True`), with one
+        `TextTruncatedWarning` per call saying how many tokens were kept (`fit_text` gives the text read).
         word_mask BoolTensor (B, L): True from SOT through EOT. Built from the lengths, never from
         `ids == 0`, because id 0 is the real token "!".
     Raises:
@@ -174,14 +176,19 @@ def tokenize(texts: str | list[str], context_length: int) -> tuple[torch.Tensor,
     tok = get_tokenizer()
     ids = torch.full((len(texts), context_length), PAD_ID, dtype=torch.long)  # (B, L)
     lengths = torch.zeros(len(texts), dtype=torch.long)  # (B,)
+    cut = []  # (row, text tokens) of every expression longer than L - 2 text tokens
     for b, text in enumerate(texts):
-        row = [SOT_ID, *tok.encode(text), EOT_ID]
+        tokens = tok.encode(text)
+        row = [SOT_ID, *tokens, EOT_ID]
         if len(row) > context_length:
             row = row[:context_length]
             row[-1] = EOT_ID
+            cut.append((b, len(tokens)))
         ids[b, : len(row)] = torch.tensor(row)
         lengths[b] = len(row)
     word_mask = torch.arange(context_length)[None, :] < lengths[:, None]  # (B, L)
+    if cut:
+        _warn_cut(texts, cut, context_length)
     return ids, word_mask
 
 
@@ -201,6 +208,56 @@ def decode(ids: torch.Tensor) -> str | list[str]:
             row = row[: row.index(EOT_ID)]
         return get_tokenizer().decode(row).strip()
     return [decode(r) for r in ids]
+
+
+# --- Expressions longer than the context length: say so, and say what the model reads ---
+
+class TextTruncatedWarning(UserWarning):
+    """An expression had more tokens than the context length L holds; the model reads only the first ones."""
+
+
+class FittedText(NamedTuple):
+    """What the model reads of one expression (`fit_text`). Token counts leave out SOT and EOT."""
+
+    text: str  # the kept tokens decoded (CLIP's cleaned, lower-cased form)
+    kept: int  # tokens the model reads: min(total, L - 2)
+    total: int  # tokens of the whole expression
+
+    @property
+    def cut(self) -> bool:
+        return self.kept < self.total
+
+
+def fit_text(text: str, context_length: int) -> FittedText:
+    """The part of `text` that fits in a `tokenize(text, context_length)` row, decoded, with token counts.
+
+    Args:
+        text: one expression.  context_length: L (at least 2).
+    Returns:
+        FittedText(text, kept, total): `text` is `decode` of the kept ids, so it is what the model reads.
+    Raises:
+        ValueError: context_length < 2.
+    """
+    if context_length < 2:
+        raise ValueError(f"context_length must be at least 2 (SOT and EOT), got {context_length}")
+    tokens = get_tokenizer().encode(text)
+    kept = tokens[: context_length - 2]  # the same cut as `tokenize`: SOT + kept + EOT = L
+    return FittedText(get_tokenizer().decode(kept).strip(), len(kept), len(tokens))
+
+
+def _warn_cut(texts: list[str], cut: list[tuple[int, int]], context_length: int) -> None:
+    """One TextTruncatedWarning for a `tokenize` call that cut `cut` = [(row, tokens), ...]."""
+    keep = context_length - 2
+    if len(texts) == 1:
+        read = fit_text(texts[0], context_length).text
+        message = (f"expression cut to the context length L = {context_length}: the model reads {keep} of its "
+                   f"{cut[0][1]} tokens: \"{read}\"")
+    else:
+        first, tokens = cut[0]
+        message = (f"{len(cut)} of {len(texts)} expressions are longer than the context length L = {context_length} "
+                   f"and were cut to {keep} tokens (the longest has {max(n for _, n in cut)}; the first cut is "
+                   f"#{first}, kept {keep} of {tokens}); data.fit_text(text, L) gives what the model reads")
+    warnings.warn(message, TextTruncatedWarning, stacklevel=3)  # points at the caller of tokenize
 
 
 # ============================================================================================
@@ -226,7 +283,7 @@ def transform_image(image: Image.Image | np.ndarray, size: int) -> tuple[torch.T
     what SAM's own `ResizeLongestSide.apply_image` does through torchvision's PIL path.
 
     Args:
-        image: PIL image (any mode, converted to RGB) or uint8 array (H, W, 3).
+        image: PIL image (any mode, converted by `load_rgb`; orientation as given) or uint8 array (H, W, 3).
         size: S.
     Returns:
         FloatTensor (3, S, S) and the resized size (h2, w2).
@@ -238,7 +295,7 @@ def transform_image(image: Image.Image | np.ndarray, size: int) -> tuple[torch.T
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"transform_image expects a uint8 (H, W, 3) array, got {image.dtype} {image.shape}")
         image = Image.fromarray(image)
-    image = image.convert("RGB")
+    image = load_rgb(image)  # 16-bit grey scaled, transparency composited (not image.convert("RGB"))
     h2, w2 = resize_longest_side(image.height, image.width, size)
     resized = np.asarray(image.resize((w2, h2), Image.BILINEAR), dtype=np.float32)  # (h2, w2, 3)
     x = torch.from_numpy(resized).permute(2, 0, 1)  # (3, h2, w2)
@@ -301,6 +358,123 @@ def valid_mask(input_size, size: int) -> torch.Tensor:
     cols = r[None, None, :] < sizes[:, 1, None, None]  # (B, 1, S)
     out = rows & cols  # (B, S, S)
     return out[0] if single else out
+
+
+# ============================================================================================
+# --- Reading images: EXIF orientation and pixel modes -> the 8-bit RGB picture the model sees ---
+# ============================================================================================
+# Orientation. Cameras and phones often store a portrait photo as a landscape bitmap plus an EXIF
+# Orientation tag (2..8: mirror and/or rotate) that viewers apply. A user's photo is turned upright
+# before the model reads "on the left" in it (`exif_transpose=True`, PIL's ImageOps.exif_transpose).
+# Dataset images are read as stored (`exif_transpose=False`), because that is the frame their ground
+# truth is drawn in:
+# - COCO's instances.json records each file's stored width x height, and the refer API rasterises the
+#   masks at that size (refer.py getMask: frPyObjects(seg, height, width)); the RIS training code that
+#   pairs them with pixels (LAVT's and its descendants' refer datasets) reads the image with PIL's
+#   Image.open(...).convert("RGB"), which does not apply the tag.
+# - PhraseCut draws its masks at image_data_split.json's width x height and its own viewer reads the
+#   picture with PIL's Image.open, without exif_transpose (PhraseCutDataset utils/visualize_utils.py).
+# - No COCO image needs turning: detectron2 applies exif_transpose to every image it reads and checks
+#   the result against instances.json's size (detection_utils.check_image_size), and it trains on COCO
+#   without size errors, so no COCO file carries a 90-degree tag.
+# A file that carries a tag anyway is used as stored (turning it would misalign its masks, and a
+# 90-degree turn swaps width and height against the annotation), with an ExifOrientationWarning.
+
+EXIF_ORIENTATION_TAG = 0x0112  # 274: the EXIF / TIFF Orientation tag
+# Transparent pixels are laid over SAM's pixel mean, which normalises to (almost) 0: the value of the
+# padding, i.e. what the model already sees where there is no picture.
+TRANSPARENT_BACKGROUND = tuple(round(v) for v in SAM_PIXEL_MEAN)  # (124, 116, 104)
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_16_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")  # unsigned 16-bit grey (PNG/TIFF 16-bit open as these)
+
+
+class ExifOrientationWarning(UserWarning):
+    """An image file carries an EXIF Orientation tag that `load_rgb(..., exif_transpose=False)` leaves unapplied."""
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """EXIF Orientation of a PIL image: 1 = upright as stored (also when absent or invalid), 2..8 = mirror/turn."""
+    value = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def load_rgb(source: str | os.PathLike | Image.Image, *, exif_transpose: bool = False) -> Image.Image:
+    """The 8-bit RGB picture the model sees, from an image file or a PIL image.
+
+    Orientation: `exif_transpose=True` turns the picture upright as its EXIF Orientation tag says
+    (PIL's ImageOps.exif_transpose): for a user's photos (single-image mode, prediction). The default
+    keeps the stored pixels: for dataset images, whose masks and recorded sizes refer to the stored
+    pixels (COCO/refer, PhraseCut; see the comment above); a file whose tag is left unapplied raises an
+    `ExifOrientationWarning`.
+
+    Modes: RGB as is; L, 1, P, CMYK, YCbCr, HSV, LAB through PIL's `convert("RGB")`.
+    Transparency (RGBA, LA, PA, P or RGB with a transparent colour) is composited over
+    `TRANSPARENT_BACKGROUND`, SAM's pixel mean (the padding's colour to the model).
+    Grey images wider than 8 bits become grey RGB: 16-bit (I;16, I;16B, ...) on the full 16-bit
+    scale, v / 257 rounded (65535 -> 255, 32768 -> 128: the 8-bit value a viewer shows); 32-bit I
+    with values in 0..65535 on the same scale (16-bit PNG/TIFF files open as I in some readers);
+    float F in [0, 1] times 255, F in [0, 255] as is (PIL's own float scale). Other values (negative,
+    above those ranges) have no standard white point: they are stretched from their own min..max to
+    0..255 (a constant picture is black), with a UserWarning.
+
+    Args:
+        source: path of an image file, or a PIL image (any mode; it is not modified).
+        exif_transpose: apply the EXIF Orientation tag (True) or keep the stored pixels (False).
+    Returns:
+        PIL image, mode "RGB"; size (W, H) as stored, or turned by the tag when exif_transpose is set.
+    Raises:
+        FileNotFoundError: no such file. ValueError: an unreadable or corrupt file, a mode with no RGB
+            conversion, or NaN / infinite pixels in a float image (the message names the file).
+    """
+    if isinstance(source, Image.Image):
+        return _to_rgb(source, "image", exif_transpose=exif_transpose, warn_orientation=False)
+    path = pathlib.Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} not found")
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode inside the try: a truncated file fails here, named
+            return _to_rgb(img, str(path), exif_transpose=exif_transpose, warn_orientation=True)
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"image {path} is corrupt or not an image ({e})") from None
+
+
+def _to_rgb(img: Image.Image, name: str, *, exif_transpose: bool, warn_orientation: bool) -> Image.Image:
+    """`load_rgb` after opening: orientation, then the mode rules."""
+    if exif_transpose:
+        img = ImageOps.exif_transpose(img)  # a turned copy without the tag (a plain copy when upright)
+    elif warn_orientation and exif_orientation(img) != 1:
+        warnings.warn(f"image {name} carries EXIF Orientation {exif_orientation(img)}; it is read as stored "
+                      "(dataset masks refer to the stored pixels)", ExifOrientationWarning, stacklevel=3)
+    mode = img.mode
+    if mode in _16_BIT_MODES or mode in ("I", "F"):
+        grey = _grey_to_uint8(np.asarray(img), mode, name)  # (H, W) uint8
+        return Image.fromarray(grey).convert("RGB")
+    if mode in _ALPHA_MODES or "transparency" in img.info:
+        img = img.convert("LA") if mode == "La" else img  # PIL converts premultiplied La only to LA
+        background = Image.new("RGBA", img.size, (*TRANSPARENT_BACKGROUND, 255))
+        return Image.alpha_composite(background, img.convert("RGBA")).convert("RGB")
+    try:
+        return img.convert("RGB")
+    except ValueError as e:
+        raise ValueError(f"image {name}: mode {mode} has no conversion to RGB ({e})") from None
+
+
+def _grey_to_uint8(values: np.ndarray, mode: str, name: str) -> np.ndarray:
+    """(H, W) pixels of a 16-bit, 32-bit or float grey image on the 8-bit scale (rules in `load_rgb`)."""
+    v = values.astype(np.float64)
+    if not np.isfinite(v).all():
+        raise ValueError(f"image {name}: mode {mode} holds NaN or infinite pixels; expected finite values")
+    lo, hi = float(v.min()), float(v.max())
+    if mode in _16_BIT_MODES or (mode == "I" and lo >= 0 and hi <= 65535):
+        v = v / 257  # 65535 / 255 = 257: the 8-bit value k, widened to 16 bits as k * 257, maps back to k
+    elif mode == "F" and lo >= 0 and hi <= 1:
+        v = v * 255
+    elif not (mode == "F" and lo >= 0 and hi <= 255):
+        warnings.warn(f"image {name}: mode {mode} pixels span {lo:g}..{hi:g}, outside the usual ranges; "
+                      "stretched to black..white", UserWarning, stacklevel=4)
+        v = (v - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(v)
+    return np.rint(v).clip(0, 255).astype(np.uint8)
 
 
 def _make_item(index, image_t, mask, orig_size, ids, word_mask, image_size, ref_id, sent_id, image_id, sentence):
@@ -439,21 +613,6 @@ def annotation_mask(ann: dict, height: int, width: int) -> np.ndarray:
     return m.reshape(height, width, -1).max(axis=2) > 0
 
 
-def load_rgb(path: pathlib.Path) -> Image.Image:
-    """Open an image file as RGB, with errors that name the file.
-
-    Raises:
-        FileNotFoundError: missing file. ValueError: unreadable or corrupt file.
-    """
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} not found. {_WHERE_FROM}")
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")  # convert forces the full decode inside the try
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"image {path} is corrupt or not an image ({e})") from None
-
-
 class RefDataset(Dataset):
     """RefCOCO / RefCOCO+ / G-Ref referring segmentation, one item per (ref, sentence).
 
@@ -528,11 +687,14 @@ class RefDataset(Dataset):
         return self.image_dir / name
 
     def load_image(self, image_id: int) -> Image.Image:
-        """The original RGB image, checked against the size recorded in instances.json."""
-        img = load_rgb(self.image_path(image_id))
+        """The original RGB image as stored (see `load_rgb`), checked against the size in instances.json."""
+        path = self.image_path(image_id)
+        if not path.is_file():
+            raise FileNotFoundError(f"image {path} not found. {_WHERE_FROM}")
+        img = load_rgb(path)  # stored orientation: the frame of instances.json's sizes and polygons
         entry = self.images[image_id]
         if (img.height, img.width) != (entry["height"], entry["width"]):
-            raise ValueError(f"image {self.image_path(image_id)} is {img.width}x{img.height}, but instances.json "
+            raise ValueError(f"image {path} is {img.width}x{img.height}, but instances.json "
                              f"records {entry['width']}x{entry['height']} for image {image_id}")
         return img
 

@@ -28,11 +28,16 @@ B_img distinct images in a batch, C neck width, D SAM ViT width.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
 import pathlib
-import textwrap
+import re
+import shutil
+import subprocess
 import time
+import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
@@ -190,64 +195,381 @@ def gt_at_eval_size(gt: torch.Tensor, eval_size: int | None) -> torch.Tensor:
 
 
 # --- Overlay pictures ---
+# The prediction is a translucent azure fill with a solid azure line just inside its boundary; the
+# ground truth is a yellow line just outside its boundary, so a perfect prediction shows both lines side
+# by side. Each line lies between two dark edges, which keep it visible on light, dark and same-coloured
+# objects.
+# Azure is the complement of red (red objects, skin); yellow stays apart from it for red-green colour
+# blindness. Line widths grow with the picture (`_line_width`).
+
+PRED_COLOR = (0, 190, 255)  # azure: fill and line of the prediction
+GT_COLOR = (255, 220, 0)  # yellow: line of the ground truth
+EDGE_COLOR = (0, 0, 0)  # the dark edge along each line
+EMPTY_MARK_COLOR = (200, 0, 0)  # background of the "no mask predicted" mark at the picture's top left
+BAND_COLOR = (24, 24, 24)  # the legend and caption band under the picture
+TEXT_COLOR = (255, 255, 255)
+PRED_FILL_ALPHA = 0.45  # share of PRED_COLOR in the fill
+MIN_OVERLAY_WIDTH = 384  # px; smaller pictures (the shapes demo's ~128 px) are enlarged
+MAX_CAPTION_SHARE = 0.5  # the caption's lines take at most this share of the picture's height (at least one line)
+EMPTY_MARK_TEXT = "no mask predicted"
+VIS_SELECT = ("first", "random", "worst")
+
+
+@functools.lru_cache(maxsize=1)
+def _font_path() -> str | None:
+    """A DejaVu Sans file (Latin, Greek, Cyrillic and many symbols), or None when none is found.
+
+    Looked up by file name (PIL searches the system font folders), then through fontconfig's
+    `fc-match` (which may answer with its closest installed sans font), then as matplotlib's bundled copy.
+    """
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", 10).path
+    except OSError:
+        pass
+    if shutil.which("fc-match"):
+        try:
+            found = subprocess.run(["fc-match", "-f", "%{file}", "DejaVu Sans"], capture_output=True, text=True,
+                                   timeout=10).stdout.strip()
+            if found:
+                return found
+        except (OSError, subprocess.SubprocessError):
+            pass
+    spec = importlib.util.find_spec("matplotlib")
+    if spec is not None and spec.origin:
+        bundled = pathlib.Path(spec.origin).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
+        if bundled.is_file():
+            return str(bundled)
+    return None
+
 
 def _font(px: int):
+    """A font `px` pixels high: DejaVu Sans when found, else Pillow's default font."""
+    path = _font_path()
+    if path is not None:
+        try:
+            return ImageFont.truetype(path, px)
+        except OSError:  # fontconfig answered with a file FreeType cannot read
+            pass
     try:
-        return ImageFont.load_default(size=px)  # Pillow >= 10.1 ships a scalable default font
+        return ImageFont.load_default(size=px)  # Pillow >= 10.1: scalable (Latin letters; others draw as boxes)
     except TypeError:
-        return ImageFont.load_default()
+        return ImageFont.load_default()  # older Pillow: a small bitmap font
 
 
-def _outline(mask: np.ndarray) -> np.ndarray:
-    """Boundary pixels of a bool mask: the mask minus its 3 × 3 erosion."""
-    padded = np.pad(mask, 1, constant_values=False)
-    eroded = np.ones_like(mask)
-    for dy in (0, 1, 2):
-        for dx in (0, 1, 2):
-            eroded &= padded[dy:dy + mask.shape[0], dx:dx + mask.shape[1]]
-    return mask & ~eroded
+def _drawable(text: str, font) -> str:
+    """`text` as `font` can draw it: Pillow's old bitmap font only encodes Latin-1 (others become "?")."""
+    return text if isinstance(font, ImageFont.FreeTypeFont) else text.encode("latin-1", "replace").decode("latin-1")
 
 
-MIN_OVERLAY_WIDTH = 384  # px; smaller pictures (the shapes demo's ~128 px) are enlarged
+def _line_width(width: int, height: int) -> int:
+    """Outline width in px for a picture of width x height: 1 px per 200 px of its longer side, at least 2."""
+    return max(2, round(max(width, height) / 200))
+
+
+def _grow(mask: np.ndarray, r: int) -> np.ndarray:
+    """bool (h, w) mask grown by r px (a (2r+1) x (2r+1) square); nothing lies beyond its border.
+
+    A running count of mask pixels along each axis (cumsum), so the cost does not grow with r (a max-pool
+    with a (2r+1)-wide window took seconds on a 12-megapixel phone photo).
+    """
+    out = mask
+    for axis in (0, 1):
+        n = out.shape[axis]
+        width = [(0, 0), (0, 0)]
+        width[axis] = (r + 1, r)
+        counts = np.cumsum(np.pad(out, width), axis=axis, dtype=np.int32)  # (h + 2r + 1, w) or (h, w + 2r + 1)
+        hi, lo = [slice(None)] * 2, [slice(None)] * 2
+        hi[axis], lo[axis] = slice(2 * r + 1, 2 * r + 1 + n), slice(0, n)
+        out = counts[tuple(hi)] - counts[tuple(lo)] > 0  # a mask pixel lies within r along this axis
+    return out
+
+
+def _near_mask(mask: np.ndarray, r: int, op) -> np.ndarray:
+    """`op(crop, r)` on the mask's bounding box widened by r px (clipped to the picture), pasted into a copy.
+
+    Growing or shrinking by r changes nothing farther than r from the mask, so this is exact, and an
+    object costs its own area rather than the picture's.
+    """
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    out = mask.copy()
+    if rows.size:
+        y0, y1 = max(0, rows[0] - r), min(mask.shape[0], rows[-1] + r + 1)
+        x0, x1 = max(0, cols[0] - r), min(mask.shape[1], cols[-1] + r + 1)
+        out[y0:y1, x0:x1] = op(mask[y0:y1, x0:x1], r)
+    return out
+
+
+def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
+    """bool (H, W) mask grown by r px (a (2r+1) x (2r+1) square)."""
+    return _near_mask(mask, r, _grow)
+
+
+def _erode(mask: np.ndarray, r: int) -> np.ndarray:
+    """bool (H, W) mask shrunk by r px; beyond the picture counts as inside, so no line runs along its border."""
+    return _near_mask(mask, r, lambda crop, k: ~_grow(~crop, k))
+
+
+def _wrap(text: str, font, width: float, max_lines: int) -> list[str]:
+    """Greedy word wrap of `text` into lines at most `width` px wide; past `max_lines` the last line ends in "…".
+
+    A word wider than a line (a long name, an unspaced CJK sentence) is broken between characters.
+    """
+    lines, line, cut = [], "", False
+    for word in text.split():
+        while font.getlength(word) > width and len(word) > 1:
+            k = 1
+            while k < len(word) and font.getlength(word[:k + 1]) <= width:
+                k += 1
+            if line:
+                lines.append(line)
+                line = ""
+            lines.append(word[:k])
+            word = word[k:]
+        candidate = f"{line} {word}" if line else word
+        if font.getlength(candidate) <= width:
+            line = candidate
+        else:
+            lines.append(line)
+            line = word
+        if len(lines) > max_lines:
+            cut = True
+            break
+    if line and not cut:
+        lines.append(line)
+    if len(lines) > max_lines or cut:
+        lines, last = lines[:max_lines], lines[max_lines - 1]
+        while last and font.getlength(last + " …") > width:
+            last = last[:-1]
+        lines[-1] = last.rstrip() + " …"
+    return lines or [""]
+
+
+def overlay_caption(caption: str, context_length: int | None = None) -> tuple[str, str | None]:
+    """The caption an overlay shows: (quoted text, note or None).
+
+    With `context_length` (L), an expression longer than the model reads shows what it read
+    (`data.fit_text`), ended by "…", and the note says how many tokens were read.
+    """
+    if context_length is None:
+        return f'"{caption}"', None
+    fitted = data.fit_text(caption, context_length)
+    if not fitted.cut:
+        return f'"{caption}"', None
+    return (f'"{fitted.text} …"',
+            f"the model read {fitted.kept} of {fitted.total} tokens (context length L = {context_length})")
 
 
 def draw_overlay(image: Image.Image, pred: np.ndarray, caption: str, *, gt: np.ndarray | None = None,
-                 iou: float | None = None, color: tuple[int, int, int] = (255, 0, 255)) -> Image.Image:
-    """The image with the predicted mask tinted, the GT outlined in green, and a caption band.
+                 iou: float | None = None, context_length: int | None = None) -> Image.Image:
+    """The picture with the prediction and ground truth drawn on it, over a band with a legend and the caption.
+
+    Prediction: translucent `PRED_COLOR` fill, `PRED_COLOR` line inside its boundary between dark edges;
+    an empty prediction gets the mark "no mask predicted" (white on `EMPTY_MARK_COLOR`) at the top left.
+    Ground truth: `GT_COLOR` line outside its boundary between dark edges. Line width grows with the
+    picture. The band holds the legend (prediction, ground truth, IoU) and the caption, word-wrapped,
+    in DejaVu Sans when the system has it (non-Latin text draws) else Pillow's default font. The caption
+    takes at most `MAX_CAPTION_SHARE` of the picture's height (at least one line); a longer one ends in "…".
 
     Args:
-        image: original PIL image (Wo × Ho).  pred: bool (Ho, Wo).  caption: the expression.
-        gt: optional bool (Ho, Wo) ground truth.  iou: optional score written after the caption.
-
+        image: original PIL image, Wo x Ho (any mode; converted by `data.load_rgb`).
+        pred: bool (Ho, Wo) prediction.  caption: the expression.
+        gt: optional bool (Ho, Wo) ground truth.  iou: optional score shown in the legend.
+        context_length: L the model read the caption with; an expression longer than that is
+            captioned with what the model read and a note of how many tokens it read (`overlay_caption`).
     Returns:
-        RGB PIL image, (Ho + caption band) × Wo; pictures narrower than `MIN_OVERLAY_WIDTH` are
-        enlarged by a whole factor (nearest neighbour, so mask edges stay sharp) to keep the
-        caption readable.
+        RGB PIL image: the picture (enlarged by a whole factor, nearest neighbour, when narrower than
+        `MIN_OVERLAY_WIDTH`, so the caption stays readable and mask edges stay sharp) over the band.
+    Raises:
+        ValueError: pred or gt shaped unlike the image.
     """
-    rgb = np.asarray(image.convert("RGB")).astype(np.float32)  # (Ho, Wo, 3)
-    if pred.shape != rgb.shape[:2]:
-        raise ValueError(f"mask shape {pred.shape} does not match image size {rgb.shape[:2]}")
-    tint = np.asarray(color, dtype=np.float32)
-    rgb[pred] = 0.45 * rgb[pred] + 0.55 * tint
-    if gt is not None:
-        rgb[_outline(gt.astype(bool))] = (40, 255, 40)
-    picture = Image.fromarray(rgb.round().clip(0, 255).astype(np.uint8))
-    scale = -(-MIN_OVERLAY_WIDTH // picture.width)  # ceil; 1 for pictures already wide enough
-    if scale > 1:
-        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
-    width = picture.width
-    px = max(12, width // 40)
+    rgb = np.asarray(data.load_rgb(image))  # (Ho, Wo, 3) uint8
+    for name, mask in (("mask", pred), ("ground truth", gt)):
+        if mask is not None and mask.shape != rgb.shape[:2]:
+            raise ValueError(f"{name} shape {mask.shape} does not match image size {rgb.shape[:2]}")
+    pred = np.asarray(pred, dtype=bool)
+    gt = None if gt is None else np.asarray(gt, dtype=bool)
+    scale = -(-MIN_OVERLAY_WIDTH // rgb.shape[1])  # ceil; 1 for pictures already wide enough
+    if scale > 1:  # enlarge first, so the lines are drawn at the output's resolution
+        rgb, pred = (a.repeat(scale, 0).repeat(scale, 1) for a in (rgb, pred))
+        gt = None if gt is None else gt.repeat(scale, 0).repeat(scale, 1)
+    picture = Image.fromarray(_paint_masks(rgb, pred, gt))
+    height, width = pred.shape
+    px = max(12, width // 40)  # font size
     font = _font(px)
-    text = f'"{caption}"' + (f"   IoU {iou:.3f}" if iou is not None else "")
-    lines = textwrap.wrap(text, width=max(10, int(width / (0.6 * px)))) or [""]
-    band = Image.new("RGB", (width, (px + 6) * len(lines) + 8), (0, 0, 0))
-    draw = ImageDraw.Draw(band)
-    for k, line in enumerate(lines):
-        draw.text((6, 4 + k * (px + 6)), line, fill=(255, 255, 255), font=font)
-    out = Image.new("RGB", (width, picture.height + band.height))
-    out.paste(picture, (0, 0))
-    out.paste(band, (0, picture.height))
+    if not pred.any():
+        text_h, pad = font.getbbox("Ag")[3], px // 2
+        draw = ImageDraw.Draw(picture)
+        mark = (0, 0, 2 * pad + font.getlength(EMPTY_MARK_TEXT), text_h + px // 4 + pad)
+        draw.rectangle(mark, fill=EMPTY_MARK_COLOR, outline=EDGE_COLOR, width=max(1, px // 10))  # edged, as the lines
+        draw.text((pad, pad // 2 + px // 8), EMPTY_MARK_TEXT, fill=TEXT_COLOR, font=font)
+    legend = [("pred", "prediction")] + ([("gt", "ground truth")] if gt is not None else [])
+    legend += [(None, f"IoU {iou:.3f}")] if iou is not None else []
+    band = _legend_band(legend, *overlay_caption(caption, context_length), font=font, px=px, width=width,
+                 max_height=MAX_CAPTION_SHARE * height)
+    result = Image.new("RGB", (width, height + band.height))
+    result.paste(picture, (0, 0))
+    result.paste(band, (0, height))
+    return result
+
+
+def _paint_masks(rgb: np.ndarray, pred: np.ndarray, gt: np.ndarray | None) -> np.ndarray:
+    """(H, W, 3) uint8 picture with the prediction's fill and line and the ground truth's line (see draw_overlay).
+
+    Each coloured line, w px wide, lies between two dark edges, e px wide: the prediction's just inside its
+    boundary (edge, line, edge, then the fill), the ground truth's just outside (edge, line, edge), so the
+    object itself is not covered and a line stays visible on an object of its own colour.
+    """
+    height, width = pred.shape
+    w = _line_width(width, height)
+    e = max(1, w // 2)  # dark edge width
+    out = rgb.copy()  # (H, W, 3)
+    tint = (1 - PRED_FILL_ALPHA) * rgb[pred] + PRED_FILL_ALPHA * np.asarray(PRED_COLOR, np.float32)  # (P, 3)
+    out[pred] = tint.round().astype(np.uint8)
+    shrunk = [pred] + [_erode(pred, r) for r in (e, e + w, 2 * e + w)]  # the prediction shrunk by 0, e, e+w, 2e+w
+    out[shrunk[0] & ~shrunk[3]] = EDGE_COLOR
+    out[shrunk[1] & ~shrunk[2]] = PRED_COLOR
+    if gt is not None:
+        grown = [gt] + [_dilate(gt, r) for r in (e, e + w, 2 * e + w)]
+        out[grown[3] & ~grown[0]] = EDGE_COLOR
+        out[grown[2] & ~grown[1]] = GT_COLOR
     return out
+
+
+def _legend_band(legend: list[tuple[str | None, str]], text: str, note: str | None, *, font, px: int, width: int,
+          max_height: float) -> Image.Image:
+    """The band under an overlay: legend rows, the caption's lines (at most `max_height` px of them, at least
+    one), then the note. `legend` holds (swatch kind "pred" | "gt" | None, label) items."""
+    text_h = font.getbbox("Ag")[3]  # from the line's top to the bottom of descenders (every font kind has getbbox)
+    line_h, pad, gap = text_h + px // 4, px // 2, px // 3
+    side = min(px, text_h)  # swatch size
+    rows, x = [[]], pad  # legend items flow left to right, onto more rows when the picture is narrow
+    for kind, label in legend:
+        item_w = (side + gap if kind else 0) + font.getlength(_drawable(label, font))
+        if x + item_w > width - pad and rows[-1]:
+            rows.append([])
+            x = pad
+        rows[-1].append((x, kind, label))
+        x += item_w + 2 * px
+    fixed = len(rows) + (note is not None)
+    max_lines = max(1, int((max_height - 2 * pad) // line_h) - fixed)
+    lines = _wrap(_drawable(text, font), font, width - 2 * pad, max_lines)
+    band = Image.new("RGB", (width, 2 * pad + (fixed + len(lines)) * line_h), BAND_COLOR)
+    draw = ImageDraw.Draw(band)
+    for r, row in enumerate(rows):
+        y = pad + r * line_h
+        for x, kind, label in row:
+            if kind is not None:  # a swatch in the colours the picture uses for that mask
+                top = y + px // 8 + (text_h - side) // 2 + 1
+                box = (x, top, x + side - 1, top + side - 1)
+                draw.rectangle(box, fill=EDGE_COLOR)
+                inside = (box[0] + 1, box[1] + 1, box[2] - 1, box[3] - 1)
+                if kind == "pred":
+                    draw.rectangle(inside, fill=PRED_COLOR)
+                else:
+                    draw.rectangle(inside, outline=GT_COLOR, width=max(2, side // 5))
+                x += side + gap
+            draw.text((x, y + px // 8), _drawable(label, font), fill=TEXT_COLOR, font=font)
+    for k, line in enumerate(lines + ([_drawable(note, font)] if note is not None else [])):
+        draw.text((pad, pad + (len(rows) + k) * line_h + px // 8), line, fill=TEXT_COLOR, font=font)
+    return band
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    """A file-name-safe short form of a sentence: ASCII letters and digits joined by "-" ("text" when none)."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii").lower()
+    return re.sub(r"[^a-z0-9]+", "-", ascii_text).strip("-")[:limit].rstrip("-") or "text"
+
+
+def overlay_file_name(mode: str, number: int, n: int, iou: float, image_id: int, sentence: str) -> str:
+    """`<mode><number>_iou<IoU in %>_img<image id>_<sentence slug>.png`.
+
+    e.g. `worst03_iou012_img572949_man-on-right.png`; numbers are zero-padded to the width of n.
+    """
+    return f"{mode}{number:0{len(str(n))}d}_iou{round(100 * iou):03d}_img{image_id}_{_slug(sentence)}.png"
+
+
+class OverlaySelection:
+    """Which pairs of a split get overlay pictures, chosen while the split is scored (one model pass).
+
+    first: the n lowest item indices. random: n item indices drawn without replacement by
+    `numpy.random.default_rng(seed)`, the same on every process. worst: the n lowest per-pair IoUs
+    (ties: the lower index); each process keeps only its n worst predictions so far (masks at the
+    original resolution), and under DDP the candidates' (IoU, index) are all-gathered, so the split's n
+    worst are drawn, each by the process that scored it.
+
+    Args:
+        mode: "first" | "random" | "worst".  n: pictures wanted.  num_items: pairs in the split.
+        seed: the draw of "random".
+    Raises:
+        ValueError: an unknown mode.
+    """
+
+    def __init__(self, mode: str, n: int, num_items: int, *, seed: int = 0):
+        if mode not in VIS_SELECT:
+            raise ValueError(f"unknown overlay selection {mode!r}; expected one of {VIS_SELECT}")
+        self.mode, self.n = mode, max(0, min(n, num_items))
+        if mode == "first":
+            self.wanted = set(range(self.n))
+        elif mode == "random":
+            self.wanted = set(np.random.default_rng(seed).choice(num_items, size=self.n, replace=False).tolist())
+        else:
+            self.wanted = None  # worst: known only once every pair is scored
+        self.kept: dict[int, tuple] = {}  # index -> (iou, pred bool (Ho, Wo), image id, sentence, L)
+
+    def _best_kept(self) -> tuple[float, int]:
+        return max((entry[0], index) for index, entry in self.kept.items())
+
+    def wants(self, index: int, iou: float) -> bool:
+        """Whether pair `index`, scored `iou`, is (for worst: so far) among the chosen."""
+        if self.wanted is not None:
+            return index in self.wanted
+        return len(self.kept) < self.n or (iou, index) < self._best_kept()
+
+    def keep(self, index: int, iou: float, pred: np.ndarray, image_id: int, sentence: str,
+             context_length: int | None) -> None:
+        """Hold a wanted pair's prediction (bool (Ho, Wo)) until the pictures are drawn."""
+        self.kept[index] = (iou, pred, image_id, sentence, context_length)
+        if self.wanted is None and len(self.kept) > self.n:
+            del self.kept[self._best_kept()[1]]
+
+    def chosen(self) -> list[tuple[int, int]]:
+        """(number, index) of the pictures this process draws; number 1..n in the selection's order.
+
+        A collective call under DDP for "worst" (every process must call it).
+        """
+        if self.wanted is not None:
+            order = sorted(self.wanted)
+        else:
+            candidates = [(entry[0], index) for index, entry in self.kept.items()]
+            if dist.is_available() and dist.is_initialized():
+                gathered = [None] * dist.get_world_size()
+                dist.all_gather_object(gathered, candidates)
+                candidates = [c for part in gathered for c in part]
+            order = [index for _, index in sorted(candidates)[: self.n]]
+        return [(number, index) for number, index in enumerate(order, 1) if index in self.kept]
+
+
+def write_overlays(selection: OverlaySelection, dataset, vis_dir: str | os.PathLike) -> list[pathlib.Path]:
+    """Draw the selection's pictures into `vis_dir` (named by `overlay_file_name`); returns their paths.
+
+    The image and ground truth come from `dataset.load_image(image_id)` and `dataset.original_mask(index)`.
+    """
+    vis_dir = pathlib.Path(vis_dir)
+    vis_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for number, index in selection.chosen():
+        iou, pred, image_id, sentence, context_length = selection.kept[index]
+        picture = draw_overlay(dataset.load_image(image_id), pred, sentence, iou=iou, context_length=context_length,
+                               gt=np.asarray(dataset.original_mask(index), dtype=bool))
+        paths.append(vis_dir / overlay_file_name(selection.mode, number, selection.n, iou, image_id, sentence))
+        picture.save(paths[-1])
+    return paths
+
+
+def remove_old_overlays(vis_dir: str | os.PathLike, mode: str) -> None:
+    """Delete the pictures an earlier run of `mode` left in `vis_dir` (only names `overlay_file_name` makes)."""
+    for old in pathlib.Path(vis_dir).glob(f"{mode}[0-9]*_iou[0-9]*_img*.png"):
+        old.unlink()
 
 
 # --- Evaluating a model on a dataset split ---
@@ -286,6 +608,7 @@ def eval_batches(image_ids, batch_size: int, *, rank: int = 0, world: int = 1) -
 def evaluate_model(model: torch.nn.Module, dataset, *, batch_size: int = 8, device: str | torch.device = "cpu",
                    eval_size: int | None = None, threshold: float = 0.5, precision: str = "auto",
                    workers: int = 0, vis: int = 0, vis_dir: str | os.PathLike | None = None,
+                   vis_select: str = "random", vis_seed: int = 0,
                    progress: bool = True, desc: str = "eval", cache: data.FeatureCache | None = None) -> dict:
     """Score every item (every sentence of every ref) of a dataset -> `RISMetrics.compute()`.
 
@@ -299,7 +622,10 @@ def evaluate_model(model: torch.nn.Module, dataset, *, batch_size: int = 8, devi
         dataset: has `image_ids`, `original_mask(index)` and `load_image(image_id)`.
         eval_size: None = original resolution, R = R × R square (LAVT/MagNet).
         threshold: sigmoid threshold.  precision: auto | bf16 | fp32.
-        vis: overlay PNGs of the first `vis` items (rank 0 only) into `vis_dir`.
+        vis: overlay PNGs (`draw_overlay`) of this many pairs into `vis_dir` (default "vis"), replacing
+            those an earlier run of the same selection left there; their place is printed.
+        vis_select: which pairs (`OverlaySelection`): "first", "random" (seeded by `vis_seed`) or
+            "worst" (lowest IoU; chosen during the single pass over the split).
         cache: optional `data.open_feature_cache(model, dataset, ...)` giving the frozen encoder's
             outputs (the dataset may then be built with load_images=False).
     """
@@ -314,10 +640,10 @@ def evaluate_model(model: torch.nn.Module, dataset, *, batch_size: int = 8, devi
     metrics = RISMetrics()
     was_training = model.training
     model.eval()
-    vis_left = vis if rank == 0 else 0
-    if vis_left:
-        vis_dir = pathlib.Path(vis_dir or "vis")
-        vis_dir.mkdir(parents=True, exist_ok=True)
+    selection = OverlaySelection(vis_select, vis, len(dataset), seed=vis_seed) if vis > 0 else None
+    vis_dir = pathlib.Path(vis_dir or "vis")
+    if selection is not None and rank == 0 and vis_dir.is_dir():
+        remove_old_overlays(vis_dir, vis_select)  # before every rank's all_reduce below, so before any rank draws
     try:
         for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
             inputs, _ = data.batch_image_inputs(batch, device=device, model=model, cache=cache, dataset=dataset,
@@ -334,18 +660,20 @@ def evaluate_model(model: torch.nn.Module, dataset, *, batch_size: int = 8, devi
                 gt = gt_at_eval_size(gt_orig, eval_size).to(pred.device)
                 inter, union = intersection_union(pred, gt)
                 iou = float(metrics.update(inter, union)[0])
-                if vis_left > 0:
-                    vis_left -= 1
+                if selection is not None and selection.wants(index, iou):
                     # Overlays are always drawn at the original resolution.
                     full = pred if eval_size is None else logits_to_masks(
                         logits[b:b + 1], batch["input_size"][b:b + 1], batch["orig_size"][b:b + 1],
                         size=size, threshold=threshold)[0]
-                    picture = draw_overlay(dataset.load_image(int(batch["image_id"][b])), full.cpu().numpy(),
-                                           batch["sentence"][b], gt=gt_orig.numpy(), iou=iou)
-                    picture.save(pathlib.Path(vis_dir) / f"{index:06d}_sent{int(batch['sent_id'][b])}.png")
+                    selection.keep(index, iou, full.cpu().numpy(), int(batch["image_id"][b]), batch["sentence"][b],
+                                   context_length=batch["ids"].shape[-1])
     finally:
         model.train(was_training)
     metrics.all_reduce()
+    if selection is not None:
+        write_overlays(selection, dataset, vis_dir)
+        if rank == 0:
+            print(f"{desc}: {selection.n} overlay pictures ({vis_select}) of {len(dataset)} pairs in {vis_dir}")
     return metrics.compute()
 
 
@@ -415,7 +743,12 @@ class EvalOptions:
     eval_size: int | None = maris.option(None, "score on an R x R square resize (480 = LAVT/MagNet)",
                                          auto="the original resolution")
     threshold: float = maris.option(0.5, "foreground where sigmoid(logit) > threshold")
-    vis: int = maris.option(0, "write overlay PNGs of the first N pairs of each split")
+    vis: int = maris.option(0, "write overlay PNGs of N pairs of each split into <out-dir>/vis/<split>/, named "
+                               "<selection><number>_iou<IoU %%>_img<image id>_<sentence>.png")
+    vis_select: str = maris.option("random", "which pairs --vis draws: random (a seeded sample over the whole split, "
+                                             "a fair picture of the model), first (the first N pairs, often one "
+                                             "image), worst (lowest IoU)", choices=VIS_SELECT)
+    vis_seed: int = maris.option(0, "seed of --vis-select random")
     out_dir: str | None = maris.option(None, "where the JSON and overlays go", auto="the checkpoint's folder")
     progress: bool = maris.option(True, "show progress bars")
     feature_cache: str | None = maris.option(
@@ -492,7 +825,7 @@ def segment_one_image(opts: EvalOptions, model: maris.MARIS, *, device: torch.de
         raise SystemExit("error: single-image mode needs both --image and --text")
     if not pathlib.Path(opts.image).is_file():
         raise SystemExit(f"error: image {opts.image} does not exist")
-    image = Image.open(opts.image).convert("RGB")
+    image = data.load_rgb(opts.image, exif_transpose=True)  # upright as the photo's EXIF tag says
     mask = predict_image(model, image, opts.text, device=device, context_length=model.cfg.context_length,
                          precision=opts.precision, threshold=opts.threshold)
     image_path = pathlib.Path(opts.image)
@@ -500,7 +833,7 @@ def segment_one_image(opts: EvalOptions, model: maris.MARIS, *, device: torch.de
     mask_out = pathlib.Path(opts.mask_out or out.with_name(out.stem + "_mask.png"))
     out.parent.mkdir(parents=True, exist_ok=True)
     mask_out.parent.mkdir(parents=True, exist_ok=True)
-    draw_overlay(image, mask, opts.text).save(out)
+    draw_overlay(image, mask, opts.text, context_length=model.cfg.context_length).save(out)
     Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(mask_out)
     print(f"overlay: {out}\nmask:    {mask_out}  ({int(mask.sum())} foreground pixels of {mask.size})")
     return {"overlay": str(out), "mask": str(mask_out)}
@@ -536,7 +869,8 @@ def score_splits(opts: EvalOptions, ckpt: dict, model: maris.MARIS, *, rank: int
         results[split] = evaluate_model(
             model, ds, batch_size=opts.batch_size, device=device, eval_size=opts.eval_size,
             threshold=opts.threshold, precision=opts.precision, workers=opts.workers,
-            vis=opts.vis, vis_dir=out_dir / "vis" / split, progress=opts.progress and rank == 0, desc=split,
+            vis=opts.vis, vis_dir=out_dir / "vis" / split, vis_select=opts.vis_select, vis_seed=opts.vis_seed,
+            progress=opts.progress and rank == 0, desc=split,
             cache=cache)
     results = without_nan(results)  # a split with no pairs has no score: None, not NaN
     if rank == 0:  # every rank holds the all-reduced results; one writes them

@@ -880,3 +880,211 @@ def test_feature_cache_killed_write_leaves_no_entry(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("*.tmp"))  # the half-written temporary file is removed too
     with pytest.raises(ValueError, match="5.npy"):
         cache.load([5])
+
+
+# ============================================================================================
+# Expressions longer than the context length
+# ============================================================================================
+
+LONG = "the man in the red shirt standing to the left of the tall woman"  # 14 tokens
+
+
+def test_cut_expression_warns_with_kept_and_total_tokens():
+    """Cutting one expression warns once, saying it kept L - 2 of its tokens and what the model reads."""
+    assert len(data.get_tokenizer().encode(LONG)) == 14
+    with pytest.warns(data.TextTruncatedWarning, match='reads 6 of its 14 tokens: "the man in the red shirt"') as got:
+        data.tokenize(LONG, 8)
+    assert len(got) == 1
+
+
+def test_cut_batch_warns_once_with_counts():
+    """A batch with several cut expressions gives one warning counting them."""
+    with pytest.warns(data.TextTruncatedWarning, match=r"2 of 3 expressions .* L = 8 .* longest has 14") as got:
+        data.tokenize([LONG, "a dog", LONG[:40]], 8)
+    assert len(got) == 1
+
+
+def test_expressions_that_fit_do_not_warn():
+    """No warning when every expression fits (exactly L tokens with SOT and EOT fits)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data.tokenize(["a dog", LONG], 16)
+
+
+@given(texts, st.integers(2, 30))
+def test_fit_text_is_what_the_row_holds(text, L):
+    """fit_text gives the decoded row of tokenize and the counts of the tokenizer's own encoding."""
+    import warnings
+    tokens = data.get_tokenizer().encode(text)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", data.TextTruncatedWarning)
+        ids, mask = data.tokenize(text, L)
+    fitted = data.fit_text(text, L)
+    assert fitted.text == data.decode(ids[0])
+    assert (fitted.kept, fitted.total) == (int(mask.sum()) - 2, len(tokens))
+    assert fitted.cut == (len(tokens) > L - 2)
+
+
+# ============================================================================================
+# Reading images: EXIF orientation and pixel modes (load_rgb)
+# ============================================================================================
+# Expected values are worked out by hand from the stated rules (16-bit: v / 257; alpha over SAM's
+# mean (124, 116, 104): (src * a + bg * (255 - a)) / 255), or come from numpy's own flips and turns.
+
+SAM_MEAN_RGB = (124, 116, 104)
+
+
+def _save(img, path, **kw):
+    img.save(path, **kw)
+    return path
+
+
+@pytest.mark.parametrize("mode,suffix", [("I;16", "png"), ("I;16B", "tif")])
+def test_16_bit_grey_is_scaled_by_its_full_range(tmp_path, mode, suffix):
+    """A 16-bit grey file reads as grey RGB on the 16-bit scale, v / 257: 0, 257, 32768, 65000, 65535 -> 0, 1, 128,
+    253, 255."""
+    values = np.array([[0, 257, 32768, 65000, 65535]], "<u2" if mode == "I;16" else ">u2")  # little / big endian
+    path = _save(Image.fromarray(values), tmp_path / f"grey.{suffix}")
+    assert Image.open(path).mode == mode
+    rgb = np.asarray(data.load_rgb(path))
+    assert rgb.shape == (1, 5, 3) and (rgb == np.array([0, 1, 128, 253, 255])[None, :, None]).all()
+
+
+def test_32_bit_integer_grey_uses_the_16_bit_scale_or_stretches(tmp_path):
+    """Mode I with values in 0..65535 reads on the 16-bit scale; wider values are stretched min..max, with a warning."""
+    path = _save(Image.fromarray(np.array([[0, 32768, 50000]], np.int32)), tmp_path / "i32.tif")
+    assert Image.open(path).mode == "I"
+    assert np.asarray(data.load_rgb(path))[0, :, 0].tolist() == [0, 128, 195]  # 50000 / 257 = 194.6
+    path = _save(Image.fromarray(np.array([[-1000, 49000, 99000]], np.int32)), tmp_path / "wide.tif")
+    with pytest.warns(UserWarning, match="stretched"):
+        assert np.asarray(data.load_rgb(path))[0, :, 0].tolist() == [0, 128, 255]  # (v + 1000) * 255 / 100000
+
+
+@pytest.mark.parametrize("values,expected", [([0.0, 0.5, 1.0], [0, 128, 255]), ([0.0, 100.0, 255.0], [0, 100, 255])])
+def test_float_grey_reads_on_the_unit_or_pil_scale(tmp_path, values, expected):
+    """Mode F in [0, 1] is scaled by 255; F in [0, 255] (PIL's own float scale) is kept."""
+    path = _save(Image.fromarray(np.array([values], np.float32)), tmp_path / "f.tif")
+    assert Image.open(path).mode == "F"
+    assert np.asarray(data.load_rgb(path))[0, :, 1].tolist() == expected
+
+
+def test_float_grey_with_nan_is_a_named_error(tmp_path):
+    """NaN pixels in a float image are a ValueError naming the file."""
+    path = _save(Image.fromarray(np.array([[0.0, np.nan]], np.float32)), tmp_path / "nan.tif")
+    with pytest.raises(ValueError, match="nan.tif.*NaN"):
+        data.load_rgb(path)
+
+
+def _half_alpha(src, a=128):
+    return [round((s * a + b * (255 - a)) / 255) for s, b in zip(src, SAM_MEAN_RGB)]
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "RGB"])
+def test_transparent_pixels_lie_on_sam_mean(tmp_path, mode):
+    """Transparent pixels (RGBA, LA, P with a transparent index, RGB with a transparent colour) become SAM's
+    mean colour; opaque pixels keep theirs; half-transparent ones mix."""
+    if mode == "RGBA":
+        img = Image.fromarray(np.array([[[255, 0, 0, 0], [10, 200, 30, 255], [255, 255, 255, 128]]], np.uint8))
+        expected = [list(SAM_MEAN_RGB), [10, 200, 30], _half_alpha((255, 255, 255))]
+    elif mode == "LA":
+        img = Image.fromarray(np.array([[[0, 0], [200, 255], [255, 128]]], np.uint8), mode="LA")
+        expected = [list(SAM_MEAN_RGB), [200] * 3, _half_alpha((255, 255, 255))]
+    elif mode == "P":
+        img = Image.fromarray(np.array([[0, 1, 1]], np.uint8), mode="P")
+        img.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+        img.info["transparency"] = 0
+        expected = [list(SAM_MEAN_RGB), [10, 200, 30], [10, 200, 30]]
+    else:
+        img = Image.fromarray(np.array([[[0, 0, 0], [10, 200, 30], [10, 200, 30]]], np.uint8))
+        img.info["transparency"] = (0, 0, 0)
+        expected = [list(SAM_MEAN_RGB), [10, 200, 30], [10, 200, 30]]
+    path = _save(img, tmp_path / f"{mode}.png", **({"transparency": img.info["transparency"]}
+                                                   if "transparency" in img.info else {}))
+    assert Image.open(path).mode == mode
+    rgb = np.asarray(data.load_rgb(path))[0].tolist()
+    assert all(abs(a - b) <= 1 for got, want in zip(rgb, expected) for a, b in zip(got, want)), rgb
+
+
+@pytest.mark.parametrize("suffix", ["tif", "jpg"])
+def test_cmyk_goes_through_pil_conversion(tmp_path, suffix):
+    """CMYK reads as PIL converts it: no ink is white, full magenta + yellow is red."""
+    img = Image.new("CMYK", (16, 8), (0, 0, 0, 0))
+    img.paste((0, 255, 255, 0), (8, 0, 16, 8))
+    path = _save(img, tmp_path / f"c.{suffix}")
+    assert Image.open(path).mode == "CMYK"
+    rgb = np.asarray(data.load_rgb(path)).astype(int)
+    assert np.abs(rgb[4, 2] - [255, 255, 255]).max() <= 3 and np.abs(rgb[4, 13] - [255, 0, 0]).max() <= 3
+
+
+@pytest.mark.parametrize("mode", ["1", "L"])
+def test_bilevel_and_grey_become_grey_rgb(tmp_path, mode):
+    """Modes 1 and L read as grey RGB with the same levels (1 bit: 0 / 255)."""
+    levels = np.array([[0, 255, 90]], np.uint8) if mode == "L" else np.array([[False, True, True]])
+    path = _save(Image.fromarray(levels), tmp_path / f"{mode}.png")
+    assert Image.open(path).mode == mode
+    want = [0, 255, 90] if mode == "L" else [0, 255, 255]
+    assert np.asarray(data.load_rgb(path))[0].tolist() == [[v] * 3 for v in want]
+
+
+# EXIF Orientation -> how the stored pixels are shown (TIFF 6.0 / EXIF 2.3), written with numpy.
+EXIF_TURNS = {1: lambda a: a, 2: np.fliplr, 3: lambda a: np.rot90(a, 2), 4: np.flipud,
+              5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1),
+              7: lambda a: np.rot90(a, 2).transpose(1, 0, 2), 8: lambda a: np.rot90(a, 1)}
+
+
+def _tagged(path, pixels, orientation, **kw):
+    exif = Image.Exif()
+    exif[data.EXIF_ORIENTATION_TAG] = orientation
+    Image.fromarray(pixels).save(path, exif=exif.tobytes(), **kw)
+    return path
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_transpose_turns_photos_upright(tmp_path, orientation):
+    """exif_transpose=True shows the stored pixels as the EXIF tag says (numpy's flips and turns), size swapped
+    for orientations 5..8."""
+    pixels = np.random.default_rng(orientation).integers(0, 255, (20, 40, 3), dtype=np.uint8)
+    path = _tagged(tmp_path / "photo.png", pixels, orientation)
+    upright = np.asarray(data.load_rgb(path, exif_transpose=True))
+    assert np.array_equal(upright, EXIF_TURNS[orientation](pixels))
+    assert upright.shape[:2] == ((40, 20) if orientation >= 5 else (20, 40))
+
+
+def test_exif_rotated_jpeg_phone_photo_is_upright(tmp_path):
+    """A JPEG stored landscape with Orientation 6 ("rotate 90 clockwise") reads portrait: its left half on top."""
+    stored = np.zeros((40, 80, 3), np.uint8)
+    stored[:, :40] = (220, 30, 30)  # red left half
+    stored[:, 40:] = (30, 30, 220)  # blue right half
+    path = _tagged(tmp_path / "phone.jpg", stored, 6, quality=95)
+    upright = np.asarray(data.load_rgb(path, exif_transpose=True)).astype(int)
+    assert upright.shape == (80, 40, 3)
+    assert upright[10, 20, 0] > 180 and upright[10, 20, 2] < 80  # top: red
+    assert upright[70, 20, 2] > 180 and upright[70, 20, 0] < 80  # bottom: blue
+
+
+def test_dataset_images_keep_their_stored_pixels(refer_root):
+    """A refer-layout image that carries an EXIF tag is read as stored (the frame of instances.json's size and
+    polygons), with an ExifOrientationWarning naming it."""
+    path = refer_root / "images/mscoco/images/train2014/COCO_train2014_000000000001.jpg"
+    stored = np.random.default_rng(3).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    _tagged(path, stored, 6, quality=95)
+    ds = data.RefDataset(refer_root, split="train", image_size=32)
+    with pytest.warns(data.ExifOrientationWarning, match="COCO_train2014_000000000001.jpg"):
+        img = ds.load_image(1)
+    with Image.open(path) as raw:
+        assert np.array_equal(np.asarray(img), np.asarray(raw.convert("RGB")))  # PIL decodes without turning
+    assert img.size == (60, 40)
+
+
+def test_transform_image_of_16_bit_grey_gives_mid_grey_input():
+    """transform_image reads a PIL 16-bit image through load_rgb: mid-grey 32768 becomes the normalised 128."""
+    x, _ = data.transform_image(Image.fromarray(np.full((8, 8), 32768, np.uint16)), 16)
+    expect = (128 - torch.tensor(data.SAM_PIXEL_MEAN)) / torch.tensor(data.SAM_PIXEL_STD)  # (3,)
+    torch.testing.assert_close(x[:, 0, 0], expect)
+
+
+def test_transform_image_of_transparent_rgba_is_the_padding_value():
+    """A fully transparent RGBA picture normalises to (almost) 0, the padding's value."""
+    x, _ = data.transform_image(Image.new("RGBA", (8, 8), (255, 0, 0, 0)), 8)
+    assert x.abs().max() < 0.01

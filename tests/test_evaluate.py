@@ -449,3 +449,298 @@ def test_evaluate_under_torchrun_matches_one_process(tiny_checkpoint, tmp_path):
     assert ddp["count"] == one["count"]
     for key, value in one.items():
         assert ddp[key] == pytest.approx(value, abs=1e-6), key
+
+
+# --- overlay pictures: colours, legend, marks, captions ---
+# A 200 x 150 grey picture is enlarged 2x to 400 x 300, where the line width is 2 px and each dark edge 1 px.
+
+GREY = (128, 128, 128)
+
+
+def _boxes(h=150, w=200):
+    pred = np.zeros((h, w), bool)
+    pred[40:100, 50:130] = True
+    gt = np.zeros((h, w), bool)
+    gt[50:110, 60:140] = True
+    return pred, gt
+
+
+def _band(out, picture_height):
+    return out[picture_height:]
+
+
+def _has(region, color, at_least=4):
+    return int((region == np.asarray(color, np.uint8)).all(axis=-1).sum()) >= at_least
+
+
+def test_overlay_lines_fill_and_edges_at_known_places():
+    """Prediction: from its boundary inwards a dark edge, a 2 px PRED_COLOR line, a dark edge, the tinted fill;
+    ground truth: from its boundary outwards a dark edge, a 2 px GT_COLOR line, a dark edge; elsewhere the
+    picture is untouched."""
+    pred, gt = _boxes()
+    out = np.asarray(evaluate.draw_overlay(Image.new("RGB", (200, 150), GREY), pred, "x", gt=gt))  # 2x: 400 x 300
+    row = 2 * 70  # crosses the prediction's left side at x = 100 and the GT's left side at x = 120
+    assert tuple(out[row, 100]) == tuple(out[row, 103]) == evaluate.EDGE_COLOR
+    assert tuple(out[row, 101]) == tuple(out[row, 102]) == evaluate.PRED_COLOR
+    fill = [round(0.55 * 128 + 0.45 * c) for c in evaluate.PRED_COLOR]
+    assert np.abs(out[row, 110].astype(int) - fill).max() <= 1  # translucent fill inside
+    assert tuple(out[row, 119]) == tuple(out[row, 116]) == evaluate.EDGE_COLOR
+    assert tuple(out[row, 118]) == tuple(out[row, 117]) == evaluate.GT_COLOR
+    assert tuple(out[row, 120]) != evaluate.EDGE_COLOR  # the object itself is not covered by the GT's line
+    assert tuple(out[row, 99]) == tuple(out[10, 10]) == GREY  # outside both masks: untouched
+
+
+@pytest.mark.parametrize("background", [(220, 40, 40), (255, 255, 255), (0, 0, 0), (255, 220, 0), (0, 190, 255)])
+def test_overlay_lines_stand_out_on_any_background(background):
+    """On a red, white, black, yellow or azure picture each line has a strongly different colour or dark edges
+    on both sides that do."""
+    pred, gt = _boxes()
+    out = np.asarray(evaluate.draw_overlay(Image.new("RGB", (200, 150), background), pred, "x", gt=gt)).astype(int)
+    bg = np.asarray(background)
+    row = 2 * 70
+    for line, edges in ((101, (100, 103)), (117, (116, 119))):  # prediction's line, GT's line: x and edges' x
+        edge_contrast = min(np.abs(out[row, x] - bg).sum() for x in edges)
+        contrast = max(np.abs(out[row, line] - bg).sum(), edge_contrast)
+        assert contrast >= 250, (background, line, out[row, line], out[row, edges[0]])
+    if background == (220, 40, 40):  # the translucent fill itself parts from a red object (a magenta tint: 131)
+        assert np.abs(out[row, 110] - bg).sum() >= 200
+
+
+def _line_thickness(width, h=300):
+    gt = np.zeros((h, width), bool)
+    gt[h // 4:3 * h // 4, width // 4:3 * width // 4] = True
+    out = np.asarray(evaluate.draw_overlay(Image.new("RGB", (width, h), GREY), gt, "x", gt=gt))
+    return int((out[h // 2, :width // 4] == np.asarray(evaluate.GT_COLOR, np.uint8)).all(axis=-1).sum())
+
+
+def test_overlay_line_width_grows_with_the_picture():
+    """The outline is a few px on a small picture and proportionally wider on a phone-sized one (4000 px wide)."""
+    small, large = _line_thickness(400), _line_thickness(4000)
+    assert 1 <= small <= 3 and large >= 5 * small
+
+
+def test_overlay_legend_shows_both_swatches():
+    """The band under the picture holds a prediction swatch and a ground-truth swatch in the drawing colours;
+    without a ground truth only the prediction's."""
+    pred, gt = _boxes()
+    out = np.asarray(evaluate.draw_overlay(Image.new("RGB", (200, 150), GREY), pred, "x", gt=gt, iou=0.5))
+    band = _band(out, 300)
+    assert band.shape[0] > 0 and _has(band, evaluate.PRED_COLOR, 16) and _has(band, evaluate.GT_COLOR, 16)
+    alone = _band(np.asarray(evaluate.draw_overlay(Image.new("RGB", (200, 150), GREY), pred, "x")), 300)
+    assert _has(alone, evaluate.PRED_COLOR, 16) and not _has(alone, evaluate.GT_COLOR, 1)
+
+
+def test_empty_prediction_shows_the_mark():
+    """An empty prediction gets the "no mask predicted" mark at the picture's top left; a non-empty one does not."""
+    pred, gt = _boxes()
+    image = Image.new("RGB", (200, 150), GREY)
+    empty = np.asarray(evaluate.draw_overlay(image, np.zeros_like(pred), "x", gt=gt))
+    full = np.asarray(evaluate.draw_overlay(image, pred, "x", gt=gt))
+    assert tuple(empty[4, 4]) == evaluate.EMPTY_MARK_COLOR and _has(empty[:40, :200], (255, 255, 255), 10)
+    assert tuple(empty[0, 0]) == evaluate.EDGE_COLOR  # its dark edge, for red pictures
+    assert tuple(full[4, 4]) == GREY
+
+
+NON_ASCII = "café crème, Ελληνικά, кириллица, 日本語, 🐶"
+
+
+@pytest.mark.parametrize("font", ["found", "pillow-default", "old-bitmap"])
+def test_non_ascii_caption_draws(monkeypatch, font):
+    """A non-ASCII caption draws (text pixels in the band) with DejaVu, Pillow's default font, or an old
+    Pillow's bitmap font (no crash)."""
+    if font != "found":
+        monkeypatch.setattr(evaluate, "_font_path", lambda: None)
+    if font == "old-bitmap":  # Pillow < 10.1: load_default takes no size and gives a Latin-1 bitmap font
+        bitmap = evaluate.ImageFont.load_default_imagefont()
+
+        def no_size(size=None):
+            if size is not None:
+                raise TypeError("load_default() got an unexpected keyword argument 'size'")
+            return bitmap
+        monkeypatch.setattr(evaluate.ImageFont, "load_default", no_size)
+    out = np.asarray(evaluate.draw_overlay(Image.new("RGB", (200, 150), GREY), _boxes()[0], NON_ASCII))
+    band = _band(out, 300)
+    assert (band.astype(int).sum(axis=-1) > 3 * 150).sum() > 50  # bright text pixels on the dark band
+
+
+def test_font_is_dejavu_when_the_system_has_it():
+    """The overlay font is DejaVu Sans where the system has it (as this machine does), else a fallback."""
+    path = evaluate._font_path()
+    if path is None:
+        pytest.skip("no DejaVu Sans (or fontconfig substitute) on this machine")
+    assert isinstance(evaluate._font(20), evaluate.ImageFont.FreeTypeFont)
+
+
+@pytest.mark.parametrize("size", [(640, 480), (128, 128), (400, 120)])
+def test_300_word_caption_keeps_the_band_bounded(size):
+    """A 300-word caption (shown whole: no context length given) never makes the band taller than the picture."""
+    w, h = size
+    caption = " ".join(["the tall man in the blue coat"] * 43)  # 301 words
+    out = evaluate.draw_overlay(Image.new("RGB", size, GREY), np.zeros((h, w), bool), caption, iou=0.5)
+    k = -(-evaluate.MIN_OVERLAY_WIDTH // w)
+    assert out.height - h * k <= h * k
+
+
+def test_caption_shows_what_the_model_read():
+    """A caption longer than L shows the model's kept tokens, an ellipsis and how many tokens were read; a short one
+    shows itself."""
+    caption = " ".join(["dog"] * 300)
+    text, note = evaluate.overlay_caption(caption, 20)
+    assert text == '"' + " ".join(["dog"] * 18) + ' …"' and note.startswith("the model read 18 of 300 tokens")
+    assert evaluate.overlay_caption("the dog", 20) == ('"the dog"', None)
+    assert evaluate.overlay_caption(caption) == (f'"{caption}"', None)  # no L: shown as given
+
+
+def test_wrap_fits_the_width_and_marks_the_cut():
+    """Wrapped lines fit the width; past the line limit the last line ends in an ellipsis; long words break."""
+    font = evaluate._font(14)
+    lines = evaluate._wrap(" ".join(["word"] * 300), font, 200, 3)
+    assert len(lines) == 3 and lines[-1].endswith("…")
+    assert all(font.getlength(line) <= 200 for line in lines)
+    assert evaluate._wrap("a b", font, 200, 3) == ["a b"]
+    broken = evaluate._wrap("x" * 200, font, 100, 10)
+    assert len(broken) > 1 and all(font.getlength(line) <= 100 for line in broken)
+
+
+# --- which pairs get overlays (--vis-select) ---
+
+AREAS = [40, 8, 64, 16, 32, 4, 48, 56, 24, 12]  # GT pixels inside a 64-pixel prediction: IoU = area / 64
+
+
+class _KnownIoUDataset(torch.utils.data.Dataset):
+    """Pair i: a 16 x 16 picture of its own whose channel 0 holds the prediction (an 8 x 8 square);
+    its GT is the first AREAS[i] pixels of that square, so its IoU is AREAS[i] / 64."""
+
+    size = 16
+    context_length = 4
+
+    def __init__(self):
+        self.image_ids = list(range(len(AREAS)))
+        self.sentences = [f"pair {i} café" for i in self.image_ids]
+        self.pred = np.zeros((16, 16), bool)
+        self.pred[:8, :8] = True
+
+    def __len__(self):
+        return len(AREAS)
+
+    def original_mask(self, index):
+        gt = np.zeros((16, 16), bool)
+        gt[:8, :8] = (np.arange(64) < AREAS[index]).reshape(8, 8)
+        return gt
+
+    def load_image(self, image_id):
+        return Image.new("RGB", (16, 16), GREY)
+
+    def __getitem__(self, index):
+        image = torch.from_numpy(self.pred).float()[None].repeat(3, 1, 1)
+        return {"image": image, "ids": torch.zeros(4, dtype=torch.long), "word_mask": torch.ones(4, dtype=torch.bool),
+                "orig_size": torch.tensor([16, 16]), "input_size": torch.tensor([16, 16]), "ref_id": index,
+                "sent_id": index, "image_id": index, "sentence": self.sentences[index], "index": index}
+
+
+class _CountedOracle(_OracleModel):
+    def __init__(self, size):
+        super().__init__(size)
+        self.calls = 0
+
+    def forward(self, images, ids, word_mask, *, image_index=None):
+        self.calls += 1
+        return super().forward(images, ids, word_mask, image_index=image_index)
+
+
+def _vis_names(tmp_path, select, n=3, seed=0):
+    ds = _KnownIoUDataset()
+    model = _CountedOracle(ds.size)
+    evaluate.evaluate_model(model, ds, batch_size=4, progress=False, vis=n, vis_dir=tmp_path, vis_select=select,
+                            vis_seed=seed)
+    assert model.calls == len(evaluate.eval_batches(ds.image_ids, 4))  # one pass over the split, also for worst
+    return sorted(p.name for p in tmp_path.glob("*.png"))
+
+
+def test_vis_select_worst_draws_the_lowest_ious_in_order(tmp_path, capsys):
+    """worst draws the n lowest-IoU pairs, numbered from the worst, named by IoU, image and sentence, and says where."""
+    names = _vis_names(tmp_path, "worst")
+    assert names == ["worst1_iou006_img5_pair-5-cafe.png", "worst2_iou012_img1_pair-1-cafe.png",
+                     "worst3_iou019_img9_pair-9-cafe.png"]  # areas 4, 8, 12 of 64
+    assert f"3 overlay pictures (worst) of 10 pairs in {tmp_path}" in capsys.readouterr().out
+
+
+def test_vis_select_first_draws_the_first_pairs(tmp_path):
+    """first draws pairs 0..n-1."""
+    assert [n.split("_")[2] for n in _vis_names(tmp_path, "first")] == ["img0", "img1", "img2"]
+
+
+def test_vis_select_random_is_seeded(tmp_path):
+    """random draws n distinct pairs, the same for one seed and others for another seed."""
+    one = _vis_names(tmp_path / "a", "random")
+    again = _vis_names(tmp_path / "b", "random")
+    other = [_vis_names(tmp_path / f"s{seed}", "random", seed=seed) for seed in (1, 2, 3)]
+    images = [name.split("_")[2] for name in one]
+    assert one == again and len(set(images)) == 3 and any(o != one for o in other)
+
+
+def test_vis_rerun_replaces_the_earlier_pictures(tmp_path):
+    """A second run of one selection into the same folder leaves only its own pictures (others' files stay)."""
+    (tmp_path / "notes.png").write_bytes(b"mine")
+    _vis_names(tmp_path, "worst", n=5)
+    names = _vis_names(tmp_path, "worst", n=2)
+    assert names == ["notes.png", "worst1_iou006_img5_pair-5-cafe.png", "worst2_iou012_img1_pair-1-cafe.png"]
+
+
+def test_worst_selection_keeps_only_n_predictions():
+    """The worst selection holds at most n predictions at any time, whatever order the pairs come in."""
+    sel = evaluate.OverlaySelection("worst", 3, len(AREAS))
+    for index in np.random.default_rng(0).permutation(len(AREAS)):
+        iou = AREAS[index] / 64
+        if sel.wants(int(index), iou):
+            sel.keep(int(index), iou, np.zeros((1, 1), bool), int(index), "x", None)
+        assert len(sel.kept) <= 3
+    assert [index for _, index in sel.chosen()] == [5, 1, 9]
+
+
+def _worst_of(indices):
+    sel = evaluate.OverlaySelection("worst", 3, len(AREAS))
+    for index in indices:
+        if sel.wants(index, AREAS[index] / 64):
+            sel.keep(index, AREAS[index] / 64, np.zeros((1, 1), bool), index, "x", None)
+    return sel
+
+
+def test_worst_selection_under_ddp_draws_the_split_worst_once(monkeypatch):
+    """Under 2 processes (rank 0 scored pairs 0..4, rank 1 pairs 5..9), all_gather_object pools the candidates
+    and the split's 3 worst pairs are each drawn by exactly the process that holds them, numbered 1..3."""
+    ranks = [_worst_of(range(0, 5)), _worst_of(range(5, 10))]
+    candidates = [[(entry[0], index) for index, entry in sel.kept.items()] for sel in ranks]
+
+    def all_gather_object(out, obj):  # torch.distributed's contract: out[r] = rank r's object
+        assert obj in candidates
+        out[:] = candidates
+
+    monkeypatch.setattr(evaluate.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(evaluate.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(evaluate.dist, "all_gather_object", all_gather_object)
+    drawn = [sel.chosen() for sel in ranks]
+    assert drawn == [[(2, 1)], [(1, 5), (3, 9)]]  # IoUs 4/64 (pair 5), 8/64 (pair 1), 12/64 (pair 9)
+
+
+def test_single_image_mode_turns_exif_tagged_photos_upright(tiny_checkpoint, tmp_path):
+    """--image with a JPEG stored 70 x 45 and tagged Orientation 6 segments the upright 45 x 70 photo."""
+    photo = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (45, 70, 3), dtype=np.uint8)).save(
+        photo, exif=exif.tobytes())
+    evaluate.main(["--ckpt", str(tiny_checkpoint), "--image", str(photo), "--text", "the red circle",
+                   "--out", str(tmp_path / "overlay.png")])
+    with Image.open(tmp_path / "overlay_mask.png") as mask:
+        assert mask.size == (45, 70)
+
+
+def test_evaluate_cli_vis_select_worst(tiny_checkpoint, tmp_path, capsys):
+    """evaluate.py --vis 2 --vis-select worst writes pictures worst1, worst2 (IoU ascending) and prints where."""
+    evaluate.main(["--ckpt", str(tiny_checkpoint), "--split", "val", "--batch-size", "32", "--vis", "2",
+                   "--vis-select", "worst", "--out-dir", str(tmp_path), "--no-progress"])
+    names = sorted(p.name for p in (tmp_path / "vis" / "val").glob("*.png"))
+    assert [n[:6] for n in names] == ["worst1", "worst2"]
+    assert int(names[0].split("_iou")[1][:3]) <= int(names[1].split("_iou")[1][:3])
+    assert f"in {tmp_path / 'vis' / 'val'}" in capsys.readouterr().out
