@@ -1,5 +1,6 @@
 """Data for MARIS: CLIP BPE tokenizer, SAM image/mask transforms, RefCOCO-family datasets read
-straight from the `refer` file layout, and the built-in synthetic "shapes" referring dataset.
+straight from the `refer` file layout, the generalized datasets gRefCOCO (one, several or no
+target per expression) and PhraseCut, and the built-in synthetic "shapes" / "shapes-gres" datasets.
 
 Everything between files on disk and the tensors the model eats (DESIGN.md §5). Every dataset
 item is one dict with the same keys in every split (see `_make_item`).
@@ -602,7 +603,8 @@ class GRefDataset(RefDataset):
     loader); a ref whose annotations are all crowd has an empty mask with `no_target` False, as in
     ReLA. Refs without sentences give no item. The image comes from `image_id` (the ref's
     `file_name` may carry a `_<n>` suffix no file has), checked against instances.json's size.
-    Same item dict as RefDataset (`no_target` set); a subclass so the two share COCO's images.
+    Same item dict as RefDataset (`no_target` set). A RefDataset subclass: the pictures are COCO
+    train2014 with the same image ids, so code keyed on the image source treats them alike.
 
     Args:
         root: the data root (holds grefcoco/ and images/train2014/).
@@ -1361,7 +1363,8 @@ class ImageGroupedBatchSampler(torch.utils.data.Sampler):
 def collate_images(items: list[dict]) -> dict:
     """Collate item dicts, keeping each distinct image once.
 
-    Returns the default-collated batch without "image", plus
+    Returns the default-collated batch without "image" ("no_target" becomes a bool tensor (B,),
+    PhraseCut's "task_id" a list of B strings), plus
         images       FloatTensor (B_img, 3, S, S): the batch's distinct images, first-seen order
                      (shape (0,) when the items carry no pixels, load_images=False)
         image_index  LongTensor (B,): row of `images` for each sentence

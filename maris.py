@@ -13,7 +13,9 @@ The whole model in one file, in data-flow order (DESIGN.md §3-§4):
 Optional, all off by default (with them off the model and its training are exactly MARIS):
     RISAM's bottleneck adapters in every SAM block (§4.7), the only trainable encoder part;
     MagNet's training-only Mask Grounding and cross-modal alignment losses (Chng et al.,
-    CVPR 2024, arXiv 2312.12198; §4.6), computed by `training_loss` with `MagNetHeads`.
+    CVPR 2024, arXiv 2312.12198; §4.6), computed by `training_loss` with `MagNetHeads`;
+    a ReLA-style no-target head on the query token for expressions that refer to nothing
+    (gRefCOCO), trained with `no_target_loss`.
 
 Shape letters, used in every comment of this file:
     B batch (sentences), B_img distinct images, S input side, H = W = S / 16 feature side,

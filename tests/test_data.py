@@ -886,7 +886,8 @@ def _write_gref(root, *, refs=None, pickle_refs=None, instances=True):
     sizes = {7: (40, 60), 8: (30, 20)}
     rng = np.random.default_rng(1)
     for iid, (h, w) in sizes.items():
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(img_dir / f"COCO_train2014_{iid:012d}.jpg")
+        pixels = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(img_dir / f"COCO_train2014_{iid:012d}.jpg")
     rect = lambda x0, y0, x1, y1: [[x0, y0, x1, y0, x1, y1, x0, y1]]
     anns = [{"id": 0, "image_id": 7, "iscrowd": 0, "category_id": 1, "segmentation": rect(1, 1, 6, 5)},
             {"id": 1, "image_id": 7, "iscrowd": 0, "category_id": 1, "segmentation": rect(10, 10, 30, 20)},
