@@ -89,7 +89,21 @@ def pair_iou(inter: torch.Tensor, union: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
-class RISMetrics:
+class _RankSummed:
+    """Metrics whose `state()` is a vector of sums: `all_reduce` adds it up over DDP ranks."""
+
+    def all_reduce(self) -> None:
+        """Sum the running totals over every DDP rank (no-op without an initialised process group)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        # NCCL only reduces CUDA tensors; gloo reduces CPU tensors.
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        state = self.state().to(device)
+        dist.all_reduce(state, op=dist.ReduceOp.SUM)
+        self.load_state(state)
+
+
+class RISMetrics(_RankSummed):
     """Running sums for oIoU, mIoU and Prec@X over a split; sums add up across DDP ranks.
 
     Keeps ΣI, ΣU, ΣIoU, the pair count and the hits of each Prec@X threshold, so the result is
@@ -134,16 +148,6 @@ class RISMetrics:
         self.count = int(round(values[3]))
         self.hits = [int(round(v)) for v in values[4:]]
 
-    def all_reduce(self) -> None:
-        """Sum the running totals over every DDP rank (no-op without an initialised process group)."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        # NCCL only reduces CUDA tensors; gloo reduces CPU tensors.
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        state = self.state().to(device)
-        dist.all_reduce(state, op=dist.ReduceOp.SUM)
-        self.load_state(state)
-
     def compute(self) -> dict:
         """The metrics as fractions in [0, 1] (multiply by 100 for the papers' tables).
 
@@ -160,6 +164,263 @@ class RISMetrics:
         out["mIoU"] = self.iou_sum / self.count if self.count else nan
         for t, h in zip(self.thresholds, self.hits):
             out[f"Prec@{t:g}"] = h / self.count if self.count else nan
+        return out
+
+
+# --- Generalized RIS metrics: gRefCOCO (ReLA) and PhraseCut (official evaluator) -----------------
+
+GRES_PREC_THRESHOLDS = (0.7, 0.8, 0.9)  # ReLA's Pr@X on gRefCOCO
+PHRASECUT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)  # PhraseCut's utils/evaluator.py mask_threshs
+NO_TARGET_RULES = ("empty-mask", "head")
+
+# Metric definitions, for the printed protocol and the JSON next to the numbers.
+GRES_METRICS_PROTOCOL = {
+    "gRefCOCO metrics": "ReLA refer_evaluation.py after its 2023-08-26 fix, per sentence",
+    "cIoU": "sum of I / sum of U over all sentences; a no-target sentence predicted no-target adds nothing, one "
+            "predicted target adds its U; a target sentence predicted no-target adds I = 0 and its U",
+    "gIoU": "mean per-sentence score over all sentences: 1 for a no-target sentence predicted no-target, 0 for one "
+            "predicted target (even with an empty mask), 0 for a target sentence predicted no-target, else I/U "
+            "(0 when U = 0)",
+    "N-acc": "share of no-target sentences predicted no-target (null without no-target sentences)",
+    "T-acc": "share of target sentences predicted target (null without target sentences)",
+    "Pr@X": "share of target sentences with score >= X, X in 0.7, 0.8, 0.9",
+}
+PHRASECUT_METRICS_PROTOCOL = {
+    "PhraseCut metrics": "official ChenyunWu/PhraseCutDataset utils/evaluator.py, per task",
+    "ground truth": "PIL polygon fill (outline included) of int()-truncated vertices, every polygon of every "
+                    "instance, at the width x height of image_data_split.json",
+    "IoU": "I / U, and 0 whenever I = 0: an empty prediction on an empty ground truth scores 0 here",
+    "mIoU": "mean per-task IoU", "cumIoU": "sum of I / sum of U over all tasks",
+    "Acc@X": "share of tasks with IoU strictly greater than X, X in 0.5 ... 0.9",
+}
+
+
+def no_target_decision(rule: str, *, masks=None, no_target_logits: torch.Tensor | None = None,
+                       min_pixels: int = 1, threshold: float = 0.5) -> torch.Tensor:
+    """Whether each expression is predicted to refer to nothing.
+
+    Rules:
+        "empty-mask" (LISA / EVF-SAM style): no target when the predicted mask has fewer than
+            `min_pixels` foreground pixels (default 1: the mask is empty).
+        "head" (ReLA style): no target when sigmoid(no-target logit) > `threshold`; the logit is
+            MARIS's `forward_features(...)["no_target_logit"]` (config `no_target_weight` > 0).
+
+    Args:
+        masks: for "empty-mask", bool (B, Ho, Wo) or a list of B (Ho, Wo) masks at the scoring size.
+        no_target_logits: for "head", (B,) logits.
+        min_pixels: >= 1. threshold: in (0, 1).
+
+    Returns:
+        bool (B,) on the CPU, True = no target.
+
+    Raises:
+        ValueError: unknown rule, its input missing, min_pixels < 1 or threshold outside (0, 1).
+    """
+    if rule not in NO_TARGET_RULES:
+        raise ValueError(f"unknown no-target rule {rule!r}; expected one of {NO_TARGET_RULES}")
+    if rule == "empty-mask":
+        if masks is None:
+            raise ValueError("the empty-mask no-target rule needs the predicted masks")
+        if min_pixels < 1:
+            raise ValueError(f"min_pixels must be >= 1, got {min_pixels}")
+        counts = [int(m.sum()) for m in masks]  # foreground pixels per mask
+        return torch.tensor(counts, dtype=torch.long) < min_pixels
+    if no_target_logits is None:
+        raise ValueError("the head no-target rule needs no_target_logits: build the model with no_target_weight > 0")
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    return torch.sigmoid(no_target_logits.detach().float().reshape(-1).cpu()) > threshold
+
+
+def no_target_rule_text(rule: str, *, min_pixels: int = 1, threshold: float = 0.5) -> str:
+    """The no-target decision rule in words, for the printed protocol and the JSON.
+
+    Raises:
+        ValueError: unknown rule.
+    """
+    if rule == "empty-mask":
+        what = "empty" if min_pixels == 1 else f"below {min_pixels} pixels"
+        return (f"empty-mask rule (LISA/EVF-SAM): no target when the predicted mask at the scoring size is {what} "
+                f"(fewer than {min_pixels} foreground pixels)")
+    if rule == "head":
+        return (f"no-target head (ReLA style, an MLP on the multi-modal query token's final state): no target when "
+                f"sigmoid(logit) > {threshold:g}")
+    raise ValueError(f"unknown no-target rule {rule!r}; expected one of {NO_TARGET_RULES}")
+
+
+class GRESMetrics(_RankSummed):
+    """gRefCOCO's metrics as ReLA's `refer_evaluation.py` computes them after its 2023-08-26 fix.
+
+    Per sentence, with gt_nt the ground-truth no-target flag, pred_nt the decision
+    (`no_target_decision`) and I, U from the predicted and ground-truth masks:
+
+        gt_nt,     pred_nt:      score 1; adds nothing to ΣI, ΣU
+        gt_nt,     not pred_nt:  score 0 (even when the predicted mask is empty); adds U to ΣU
+        not gt_nt, pred_nt:      score 0; I counts as 0, U (of the predicted mask) is added to ΣU
+        otherwise:               score I/U (0 when U = 0); adds I and U
+
+    cIoU = ΣI/ΣU; gIoU = mean score over all sentences; N-acc = share of no-target sentences
+    predicted no-target; T-acc = share of target sentences predicted target; Pr@X = share of
+    target sentences with score >= X. Undefined values are NaN (null in the JSON), never 0: every
+    metric without sentences, cIoU when ΣU = 0, N-acc without no-target sentences, T-acc and Pr@X
+    without target sentences. Sums add up across DDP ranks (`state`, `all_reduce`).
+    """
+
+    def __init__(self, thresholds: tuple[float, ...] = GRES_PREC_THRESHOLDS):
+        self.thresholds = tuple(float(t) for t in thresholds)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every sentence seen so far."""
+        self.total_i = 0.0
+        self.total_u = 0.0
+        self.score_sum = 0.0
+        # ReLA's confusion counts: TP/FN over no-target sentences, TN/FP over target sentences
+        self.tp = self.fn = self.tn = self.fp = 0
+        self.hits = [0] * len(self.thresholds)  # target sentences with score >= X
+
+    def update(self, inter: torch.Tensor, union: torch.Tensor, gt_nt: torch.Tensor, pred_nt: torch.Tensor
+               ) -> torch.Tensor:
+        """Add a batch of sentences.
+
+        Args:
+            inter, union: (B,) from `intersection_union(predicted masks, ground truths)`.
+            gt_nt: (B,) bool, the expression refers to nothing (item "no_target").
+            pred_nt: (B,) bool, predicted no target (`no_target_decision`).
+
+        Returns:
+            (B,) float64 per-sentence scores (the gIoU terms).
+
+        Raises:
+            ValueError: the four inputs do not have B entries each.
+        """
+        inter, union, gt_nt, pred_nt = (torch.as_tensor(x).detach().reshape(-1).cpu()
+                                        for x in (inter, union, gt_nt, pred_nt))
+        if not inter.numel() == union.numel() == gt_nt.numel() == pred_nt.numel():
+            raise ValueError(f"inter, union, gt_nt and pred_nt must have B entries each; got {inter.numel()}, "
+                             f"{union.numel()}, {gt_nt.numel()}, {pred_nt.numel()}")
+        gt_nt, pred_nt = gt_nt.bool(), pred_nt.bool()
+        inter, union = inter.double(), union.double()
+        i_used = torch.where(gt_nt | pred_nt, torch.zeros_like(inter), inter)  # I counts only for a predicted target
+        u_used = torch.where(gt_nt & pred_nt, torch.zeros_like(union), union)
+        target_score = torch.where(union > 0, i_used / union.clamp(min=1), torch.zeros_like(union))
+        score = torch.where(gt_nt, (gt_nt & pred_nt).double(), target_score)  # (B,)
+        self.total_i += float(i_used.sum())
+        self.total_u += float(u_used.sum())
+        self.score_sum += float(score.sum())
+        self.tp += int((gt_nt & pred_nt).sum())
+        self.fn += int((gt_nt & ~pred_nt).sum())
+        self.tn += int((~gt_nt & ~pred_nt).sum())
+        self.fp += int((~gt_nt & pred_nt).sum())
+        for k, t in enumerate(self.thresholds):
+            self.hits[k] += int(((score >= t) & ~gt_nt).sum())
+        return score
+
+    @property
+    def count(self) -> int:
+        return self.tp + self.fn + self.tn + self.fp
+
+    def state(self) -> torch.Tensor:
+        """The sums as one float64 vector [ΣI, ΣU, Σscore, TP, FN, TN, FP, hits...] (exact below 2**53)."""
+        return torch.tensor([self.total_i, self.total_u, self.score_sum, self.tp, self.fn, self.tn, self.fp,
+                             *self.hits], dtype=torch.float64)
+
+    def load_state(self, state: torch.Tensor) -> None:
+        """Inverse of `state`."""
+        values = state.double().cpu().tolist()
+        self.total_i, self.total_u, self.score_sum = values[:3]
+        self.tp, self.fn, self.tn, self.fp = (int(round(v)) for v in values[3:7])
+        self.hits = [int(round(v)) for v in values[7:]]
+
+    def compute(self) -> dict:
+        """The metrics as fractions in [0, 1] (multiply by 100 for the papers' tables), NaN where undefined.
+
+        Returns:
+            dict with "cIoU", "gIoU", "N-acc", "T-acc", "Pr@0.7", "Pr@0.8", "Pr@0.9" and the counts
+            "count", "count_no_target", "count_target".
+        """
+        nan = float("nan")
+        n_nt, n_t = self.tp + self.fn, self.tn + self.fp
+        out = {"cIoU": self.total_i / self.total_u if self.total_u > 0 else nan,
+               "gIoU": self.score_sum / self.count if self.count else nan,
+               "N-acc": self.tp / n_nt if n_nt else nan,
+               "T-acc": self.tn / n_t if n_t else nan}
+        for t, h in zip(self.thresholds, self.hits):
+            out[f"Pr@{t:g}"] = h / n_t if n_t else nan
+        out.update(count=self.count, count_no_target=n_nt, count_target=n_t)
+        return out
+
+
+class PhraseCutMetrics(_RankSummed):
+    """PhraseCut's mask metrics as the official `utils/evaluator.py` computes them.
+
+    Per task, IoU = I/U from `utils/iou.py iou_polygons_masks`, which is 0 whenever I = 0: an empty
+    prediction on an empty ground truth scores 0 here (unlike the RefCOCO / gRefCOCO convention).
+    mIoU = mean IoU (`mean_mask_iou`), cumIoU = ΣI/ΣU (`cum_mask_iou`), Acc@X = share of tasks with
+    IoU strictly greater than X (`pred_mask_acc`, X in 0.5 ... 0.9). NaN where undefined (no task;
+    cumIoU with ΣU = 0). Masks are scored at the recorded image size: a prediction of another size is
+    refused (the official code would draw the ground truth at the prediction's size and score that).
+    """
+
+    def __init__(self, thresholds: tuple[float, ...] = PHRASECUT_THRESHOLDS):
+        self.thresholds = tuple(float(t) for t in thresholds)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every task seen so far."""
+        self.total_i = 0.0
+        self.total_u = 0.0
+        self.iou_sum = 0.0
+        self.count = 0
+        self.hits = [0] * len(self.thresholds)  # tasks with IoU > X
+
+    def update(self, pred, gt) -> torch.Tensor:
+        """Add tasks from their masks.
+
+        Args:
+            pred: bool (B, Ho, Wo) or (Ho, Wo) predicted masks. gt: the ground truths, same shape
+                (`PhraseCutDataset.original_mask`, at the size recorded in image_data_split.json).
+
+        Returns:
+            (B,) float64 per-task IoU.
+
+        Raises:
+            ValueError: the prediction's size differs from the ground truth's.
+        """
+        pred, gt = torch.as_tensor(pred), torch.as_tensor(gt)
+        if pred.shape != gt.shape:
+            raise ValueError(f"PhraseCut: prediction of shape {tuple(pred.shape)} but ground truth of shape "
+                             f"{tuple(gt.shape)}; predict at the image size recorded in image_data_split.json")
+        inter, union = intersection_union(pred, gt)
+        inter, union = inter.double(), union.double()
+        iou = torch.where(inter > 0, inter / union.clamp(min=1), torch.zeros_like(inter))  # (B,)
+        self.total_i += float(inter.sum())
+        self.total_u += float(union.sum())
+        self.iou_sum += float(iou.sum())
+        self.count += int(iou.numel())
+        for k, t in enumerate(self.thresholds):
+            self.hits[k] += int((iou > t).sum())  # strictly greater, as the official evaluator
+        return iou
+
+    def state(self) -> torch.Tensor:
+        """The sums as one float64 vector [ΣI, ΣU, ΣIoU, count, hits...]."""
+        return torch.tensor([self.total_i, self.total_u, self.iou_sum, self.count, *self.hits], dtype=torch.float64)
+
+    def load_state(self, state: torch.Tensor) -> None:
+        """Inverse of `state`."""
+        values = state.double().cpu().tolist()
+        self.total_i, self.total_u, self.iou_sum = values[:3]
+        self.count = int(round(values[3]))
+        self.hits = [int(round(v)) for v in values[4:]]
+
+    def compute(self) -> dict:
+        """The metrics as fractions in [0, 1]: "mIoU", "cumIoU", "Acc@0.5" ... "Acc@0.9", and "count"."""
+        nan = float("nan")
+        out = {"mIoU": self.iou_sum / self.count if self.count else nan,
+               "cumIoU": self.total_i / self.total_u if self.total_u > 0 else nan}
+        for t, h in zip(self.thresholds, self.hits):
+            out[f"Acc@{t:g}"] = h / self.count if self.count else nan
+        out["count"] = self.count
         return out
 
 

@@ -14,6 +14,8 @@ Optional, all off by default (with them off the model and its training are exact
     RISAM's bottleneck adapters in every SAM block (the paper's later version), the only trainable
     encoder part; MagNet's training-only Mask Grounding and cross-modal alignment losses (Chng et al.,
     CVPR 2024, arXiv 2312.12198), computed by `TrainStep` with `MagNetHeads`.
+    A ReLA-style no-target head on the query token for expressions that refer to nothing (gRefCOCO),
+    trained with `no_target_loss`.
 
 Shape letters, used in every comment of this file:
     B batch (sentences), B_img distinct images, S input side, H = W = S / 16 feature side,
@@ -176,6 +178,13 @@ class MarisConfig:
     # NOTE(paper): a fixed (not learned) temperature, CLIP's initial value.
     alignment_temperature: float = 0.07
     alignment_dim: int = 256  # width of the shared projection space of F_s and F_v' pixels
+
+    # No-target head for generalized referring (gRefCOCO: expressions that refer to nothing), off
+    # by default: with the weight 0 the head is not built and model, loss and gradients are MARIS's.
+    # NOTE(paper): RISAM's own no-target mechanism is not in the text available to us; this is
+    # ReLA's (GRES, CVPR 2023) no-target classifier placed on MARIS: an MLP (C -> C -> 1) on the
+    # multi-modal query token's final state, trained with BCE against the `no_target` labels.
+    no_target_weight: float = 0.0  # weight of the no-target BCE; > 0 builds `MARIS.no_target_head`
 
     # RISAM's parameter-efficient fine-tuning of SAM's encoder, off by default.
     adapters: bool = False
@@ -646,6 +655,7 @@ class MutualAwareMaskDecoder(nn.Module):
     query token = learned embedding + Linear(E_proj -> C)(F_s) carries the sentence
     ("explicit linguistic guidance"). After the two-way transformer, the query token's state
     -> hypernetwork MLP (C -> C -> C/8) dotted with the upscaled image (C/8, 4H, 4W) = logits.
+    The query token's final state is returned too (MARIS's optional no-target head reads it).
     """
 
     def __init__(self, *, dim: int, sentence_dim: int, depth: int, num_heads: int, mlp_dim: int,
@@ -670,7 +680,7 @@ class MutualAwareMaskDecoder(nn.Module):
     def forward(self, visual: Tensor, words: Tensor, word_mask: Tensor, sentence: Tensor,
                 image_pe: Tensor, size: tuple[int, int]) -> Tensor:
         """F_v' (B, N, C), F_l' (B, L, C), word_mask (B, L), F_s (B, E_proj), SAM's dense PE P_v (N, C) and
-        the grid size (H, W) -> mask logits (B, 1, 4H, 4W)."""
+        the grid size (H, W) -> mask logits (B, 1, 4H, 4W) and the query token's final state (B, C)."""
         B, N, C = visual.shape
         H, W = size
         query = self.query_token.weight + self.sentence_proj(sentence)  # (B, C)
@@ -682,7 +692,7 @@ class MutualAwareMaskDecoder(nn.Module):
         upscaled = self.output_upscaling(image)  # (B, C/8, 4H, 4W)
         hyper = self.output_hypernetworks_mlps[0](tokens[:, 0])  # (B, C/8)
         logits = hyper[:, None] @ upscaled.flatten(2)  # (B, 1, C/8) @ (B, C/8, 16N) -> (B, 1, 16N)
-        return logits.view(B, 1, upscaled.shape[-2], upscaled.shape[-1])  # (B, 1, 4H, 4W)
+        return logits.view(B, 1, upscaled.shape[-2], upscaled.shape[-1]), tokens[:, 0]  # (B, 1, 4H, 4W), (B, C)
 
 
 # --- MARIS ----------------------------------------------------------------------------------
@@ -753,6 +763,11 @@ class MARIS(nn.Module):
         # RISAM adapters: the only trainable part of the image encoder, kept outside it.
         self.image_adapters = (attach_adapters(self.image_encoder, ratio=cfg.adapter_ratio)
                                if cfg.adapters else None)
+        # No-target head (ReLA style): built last, so the other modules' initial weights do not
+        # depend on it; absent (None) when its loss weight is 0.
+        if cfg.no_target_weight < 0:
+            raise ValueError(f"no_target_weight must be >= 0, got {cfg.no_target_weight}")
+        self.no_target_head = SamMLP(C, C, 1, 2) if cfg.no_target_weight > 0 else None  # C -> C -> 1
 
     def train(self, mode: bool = True) -> "MARIS":
         """Set training mode on the new modules; the frozen encoders stay in eval mode."""
@@ -814,7 +829,9 @@ class MARIS(nn.Module):
         Returns:
             dict(logits=(B, 1, 4H, 4W), visual=F_v' (B, N, C), words=F_l' (B, L, C),
                  sentence=F_s (B, E_proj), word_features=F_w (B, L, E),
-                 enhanced=F_v (B, N, C) the Feature Enhancement output per sentence).
+                 enhanced=F_v (B, N, C) the Feature Enhancement output per sentence,
+                 query=(B, C) the multi-modal query token's final state,
+                 no_target_logit=(B,) the no-target head's logit, None without the head).
 
         Raises:
             ValueError: neither or both of images / image_features, bad image_index, bad text.
@@ -842,9 +859,10 @@ class MARIS(nn.Module):
         word_features, sentence = self.encode_text(ids, word_mask, token_embeddings)  # F_w, F_s
         visual_pe = self.visual_pe((H, W))  # (N, C) = P_v
         visual, words = self.fuse(enhanced, word_features, word_mask, visual_pe)
-        logits = self.mask_decoder(visual, words, word_mask, sentence, visual_pe, (H, W))
+        logits, query = self.mask_decoder(visual, words, word_mask, sentence, visual_pe, (H, W))
+        no_target_logit = None if self.no_target_head is None else self.no_target_head(query)[:, 0]  # (B,)
         return dict(logits=logits, visual=visual, words=words, sentence=sentence,
-                    word_features=word_features, enhanced=enhanced)
+                    word_features=word_features, enhanced=enhanced, query=query, no_target_logit=no_target_logit)
 
     def visual_pe(self, size: tuple[int, int]) -> Tensor:
         """SAM's dense positional encoding P_v (N, C) for an (H, W) grid, in the model's dtype.
@@ -975,6 +993,25 @@ def segmentation_loss(logits: Tensor, masks: Tensor, valid: Tensor | None, cfg: 
     dice = dice_loss(up, masks, valid, smooth=cfg.dice_smooth).mean()
     loss = cfg.loss_focal_weight * focal + cfg.loss_dice_weight * dice
     return dict(loss=loss, focal=focal, dice=dice)
+
+
+def no_target_loss(logit: Tensor, no_target: Tensor) -> Tensor:
+    """Binary cross-entropy of the no-target head (ReLA's no-target classification loss).
+
+    Args:
+        logit: (B,) no-target logits (`forward_features(...)["no_target_logit"]`).
+        no_target: (B,) bool or {0, 1}, True where the expression refers to nothing.
+
+    Returns:
+        scalar, the batch mean, computed in fp32.
+
+    Raises:
+        ValueError: the two do not have the same number of entries.
+    """
+    if logit.numel() != no_target.numel():
+        raise ValueError(f"no_target_loss: {logit.numel()} logits but {no_target.numel()} no_target labels")
+    return F.binary_cross_entropy_with_logits(logit.float().reshape(-1),
+                                              no_target.to(logit.device, torch.float32).reshape(-1))
 
 
 # --- MagNet: Mask Grounding (Chng et al., CVPR 2024) ------------------------------------------
@@ -1280,13 +1317,15 @@ class TrainStep(nn.Module):
     """One training step's losses as a module: MARIS plus MagNet's training-only heads.
 
         loss = focal + dice + mask_grounding_weight * Mask Grounding CE + alignment_weight * alignment
+               + no_target_weight * no-target BCE
 
-    With both MagNet weights 0 `loss` is exactly MARIS's. This is the module DistributedDataParallel
+    With the three weights 0 `loss` is exactly MARIS's; a no-target expression's all-zero mask is an
+    ordinary target for focal + dice (finite: the dice is smoothed). This is the module DistributedDataParallel
     wraps: every use of a trained weight (the heads' and Mask Grounding's masked pass included) runs
     inside `forward`, so DDP averages every gradient.
 
     Raises:
-        ValueError: a MagNet weight is > 0 but `heads` lacks its head.
+        ValueError: a MagNet weight is > 0 but `heads` lacks its head; no_target_weight > 0 and no labels.
     """
 
     def __init__(self, model: MARIS, heads: MagNetHeads | None = None) -> None:
@@ -1301,15 +1340,18 @@ class TrainStep(nn.Module):
 
     def forward(self, *, ids: Tensor, word_mask: Tensor, masks: Tensor, valid: Tensor | None,
                 images: Tensor | None = None, image_features: dict | None = None,
-                image_index: Tensor | None = None, generator: torch.Generator | None = None) -> dict:
+                image_index: Tensor | None = None, generator: torch.Generator | None = None,
+                no_target: Tensor | None = None) -> dict:
         """ids, word_mask (B, L); masks (B, S, S) {0, 1}; valid (B, S, S) bool, False on the padding (None:
         all valid); images / image_features / image_index as `MARIS.forward_features`; generator: Mask
-        Grounding's RNG -> dict(loss, focal, dice, mask_grounding, alignment) of scalars (0 when off)."""
+        Grounding's RNG; no_target (B,) bool labels (needed when no_target_weight > 0) -> dict(loss, focal,
+        dice, mask_grounding, alignment, no_target) of scalars (0 when off)."""
         model, cfg = self.model, self.model.cfg
         features = model.forward_features(ids, word_mask, images=images, image_features=image_features,
                                           image_index=image_index)
         out = segmentation_loss(features["logits"], masks, valid, cfg)
-        out.update(mask_grounding=out["loss"].new_zeros(()), alignment=out["loss"].new_zeros(()))
+        zero = out["loss"].new_zeros(())
+        out.update(mask_grounding=zero, alignment=zero, no_target=zero)
         if cfg.mask_grounding_weight > 0:
             out["mask_grounding"] = mask_grounding_loss(
                 model, self.heads.mask_grounding, features, ids, word_mask, masks, valid,
@@ -1322,6 +1364,12 @@ class TrainStep(nn.Module):
             out["alignment"] = alignment_loss(sentence, pixels, masks, valid, (H, W),
                                               temperature=cfg.alignment_temperature)
             out["loss"] = out["loss"] + cfg.alignment_weight * out["alignment"]
+        if cfg.no_target_weight > 0:
+            if no_target is None:
+                raise ValueError("no_target_weight > 0 but no no_target labels were given: pass the batch's "
+                                 "\"no_target\"")
+            out["no_target"] = no_target_loss(features["no_target_logit"], no_target)
+            out["loss"] = out["loss"] + cfg.no_target_weight * out["no_target"]
         return out
 
 
@@ -1994,7 +2042,7 @@ def trace_shapes(model: MARIS, images: Tensor, ids: Tensor, word_mask: Tensor) -
     stages += [(f"maa_blocks.{i} (F_v', F_l')", b) for i, b in enumerate(model.maa_blocks)]
     stages += [("mask_decoder.transformer (tokens, image)", model.mask_decoder.transformer),
                ("mask_decoder.output_upscaling", model.mask_decoder.output_upscaling),
-               ("mask_decoder (logits)", model.mask_decoder)]
+               ("mask_decoder (logits, query token)", model.mask_decoder)]
     record: list[tuple[str, tuple]] = [("images", tuple(images.shape)), ("ids", tuple(ids.shape))]
 
     def hook(name):

@@ -6,6 +6,7 @@ import pathlib
 import pickle
 import sys
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ import maris
 from conftest import ROOT, shared_path
 
 ITEM_KEYS = {"image", "mask", "ids", "word_mask", "orig_size", "input_size", "ref_id", "sent_id",
-             "image_id", "sentence", "index"}
+             "image_id", "sentence", "index", "no_target"}
 
 
 # ============================================================================================
@@ -338,7 +339,7 @@ def test_mini_counts(mini, dataset, split_by, split, n_refs, n_sents, image_ids)
     assert len(ds.refs) == n_refs and len(ds) == n_sents and set(ds.image_ids) == image_ids
 
 
-@pytest.mark.parametrize("dataset,split_by", [(d, s) for d, parts in data.DATASETS.items() for s in parts])
+@pytest.mark.parametrize("dataset,split_by", [(d, s) for d in data.REFER_DATASETS for s in data.DATASETS[d]])
 def test_mini_sentences_are_the_sent_field(mini, dataset, split_by):
     """Items carry every ref's `sent` strings, in file order, with their sent ids."""
     with open(mini / dataset / f"refs({split_by}).p", "rb") as f:
@@ -359,7 +360,7 @@ def _pil_polygon_mask(ann, h, w):
     return np.asarray(img) > 0
 
 
-@pytest.mark.parametrize("dataset", list(data.DATASETS))
+@pytest.mark.parametrize("dataset", data.REFER_DATASETS)
 def test_mini_mask_areas_match_independent_rasterisation(mini, dataset):
     """Every referenced mask agrees with PIL's rasterisation (IoU >= 0.95) and COCO's area (1 %)."""
     with open(mini / dataset / "instances.json", encoding="utf-8") as f:
@@ -381,8 +382,8 @@ def test_mini_mask_areas_match_independent_rasterisation(mini, dataset):
 def test_mini_every_item_loads_with_the_same_keys(mini):
     """Every item of every dataset/partition/split loads with the contract's keys and shapes."""
     S = 64
-    for dataset, parts in data.DATASETS.items():
-        for split_by in parts:
+    for dataset in data.REFER_DATASETS:
+        for split_by in data.DATASETS[dataset]:
             for split in data.SPLITS[(dataset, split_by)]:
                 ds = data.RefDataset(mini, dataset, split_by, split, image_size=S)
                 L = data.DEFAULT_CONTEXT_LENGTH[dataset]
@@ -1088,3 +1089,444 @@ def test_transform_image_of_transparent_rgba_is_the_padding_value():
     """A fully transparent RGBA picture normalises to (almost) 0, the padding's value."""
     x, _ = data.transform_image(Image.new("RGBA", (8, 8), (255, 0, 0, 0)), 8)
     assert x.abs().max() < 0.01
+
+# gRefCOCO (GRES): against ../shared/grefcoco-mini and a fixture written here
+# ============================================================================================
+
+GREF_MINI_COUNTS = [  # split, refs, sentences, no-target, multi-target, single-target sentences, image (README)
+    ("train", 6, 10, 2, 4, 4, 460986), ("val", 7, 13, 3, 5, 5, 572949),
+    ("testA", 7, 13, 2, 6, 5, 495169), ("testB", 6, 12, 2, 5, 5, 510027),
+]
+
+
+@pytest.fixture(scope="module")
+def gref_mini():
+    return shared_path("grefcoco-mini")
+
+
+def _independent_union(anns, ann_ids, h, w):
+    """pycocotools' own merge of every polygon of the non-crowd annotations, decoded (not our code path)."""
+    rles = [rle for a in ann_ids if a != -1 and not anns[a]["iscrowd"]
+            for rle in mask_utils.frPyObjects(anns[a]["segmentation"], h, w)]
+    if not rles:
+        return np.zeros((h, w), dtype=bool)
+    with warnings.catch_warnings():  # pycocotools' own numpy-2 deprecation
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return mask_utils.decode(mask_utils.merge(rles, intersect=False)) > 0
+
+
+@pytest.mark.parametrize("split,n_refs,n_sents,n_nt,n_multi,n_single,image_id", GREF_MINI_COUNTS)
+def test_grefcoco_mini_counts(gref_mini, split, n_refs, n_sents, n_nt, n_multi, n_single, image_id):
+    """Refs, sentences and no-/multi-/single-target sentences per split match the fixture's README."""
+    ds = data.GRefDataset(gref_mini, split, image_size=32, load_images=False)
+    kinds = [0 if r["ann_id"] == [-1] else len(r["ann_id"]) for r, _ in ds.items]
+    assert len(ds.refs) == n_refs and len(ds) == n_sents and set(ds.image_ids) == {image_id}
+    assert (kinds.count(0), sum(k > 1 for k in kinds), kinds.count(1)) == (n_nt, n_multi, n_single)
+    assert ds.no_target == [k == 0 for k in kinds]
+
+
+def test_grefcoco_mini_masks_equal_a_pycocotools_union(gref_mini):
+    """Every item's mask equals pycocotools' merge of its annotations (all False for no target),
+    and the item's no_target flag is ann_id == [-1]."""
+    with open(gref_mini / "grefcoco/instances.json", encoding="utf-8") as f:
+        anns = {a["id"]: a for a in json.load(f)["annotations"]}
+    with open(gref_mini / "grefcoco/grefs(unc).json", encoding="utf-8") as f:
+        raw = {r["ref_id"]: r for r in json.load(f)}
+    seen = 0
+    for split in data.SPLITS[("grefcoco", "unc")]:
+        ds = data.GRefDataset(gref_mini, split, image_size=32, load_images=False)
+        for i, (ref, _) in enumerate(ds.items):
+            got = ds.original_mask(i)
+            entry = ds.images[ref["image_id"]]
+            expect = _independent_union(anns, raw[ref["ref_id"]]["ann_id"], entry["height"], entry["width"])
+            assert got.dtype == bool and np.array_equal(got, expect), ref["ref_id"]
+            item = ds[i]
+            assert item["no_target"] == (raw[ref["ref_id"]]["ann_id"] == [-1]) == (not got.any())
+            assert item["mask"].max() <= 1
+            seen += 1
+    assert seen == 48
+
+
+def test_grefcoco_mini_overlapping_annotations_unite(gref_mini):
+    """Ref 200020's two men share 2,936 px (README): its mask has |a| + |b| - 2936 pixels."""
+    ds = data.GRefDataset(gref_mini, "val", image_size=32, load_images=False)
+    i = next(i for i, (r, _) in enumerate(ds.items) if r["ref_id"] == 200020)
+    entry = ds.images[572949]
+    a, b = (data.annotation_mask(ds.anns[k], entry["height"], entry["width"]) for k in (426784, 497043))
+    assert (a & b).sum() == 2936
+    assert ds.original_mask(i).sum() == a.sum() + b.sum() - 2936
+
+
+def test_grefcoco_mini_quirks(gref_mini):
+    """ref 0 / sent 0 load; the ref without sentences gives no item; typos are kept; images come from
+    image_id although file_name carries a suffix no file has."""
+    train = data.GRefDataset(gref_mini, "train", image_size=32)
+    assert (train[0]["ref_id"], train[0]["sent_id"]) == (0, 0)
+    assert 200013 in {r["ref_id"] for r in train.refs} and 200013 not in {r["ref_id"] for r, _ in train.items}
+    assert train.items[0][0]["file_name"].endswith("_9.jpg") and train[0]["image"].shape == (3, 32, 32)
+    val = data.GRefDataset(gref_mini, "val", image_size=32, load_images=False)
+    assert "the b;ack keyboard in front of the computer on the table" in val.sentences
+
+
+def _write_gref(root, *, refs=None, pickle_refs=None, instances=True):
+    """A tiny gRefCOCO layout: images 7 (40 x 60) and 8 (30 x 20), annotations 0-5 (3 is crowd)."""
+    (root / "grefcoco").mkdir(parents=True)
+    img_dir = root / "images/train2014"
+    img_dir.mkdir(parents=True)
+    sizes = {7: (40, 60), 8: (30, 20)}
+    rng = np.random.default_rng(1)
+    for iid, (h, w) in sizes.items():
+        pixels = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(img_dir / f"COCO_train2014_{iid:012d}.jpg")
+    rect = lambda x0, y0, x1, y1: [[x0, y0, x1, y0, x1, y1, x0, y1]]
+    anns = [{"id": 0, "image_id": 7, "iscrowd": 0, "category_id": 1, "segmentation": rect(1, 1, 6, 5)},
+            {"id": 1, "image_id": 7, "iscrowd": 0, "category_id": 1, "segmentation": rect(10, 10, 30, 20)},
+            {"id": 2, "image_id": 7, "iscrowd": 0, "category_id": 1, "segmentation": rect(20, 15, 40, 30)},
+            {"id": 3, "image_id": 7, "iscrowd": 1, "category_id": 1, "segmentation": rect(40, 0, 59, 39)},
+            {"id": 4, "image_id": 7, "iscrowd": 0, "category_id": 2, "segmentation": rect(0, 30, 8, 38)},
+            {"id": 5, "image_id": 8, "iscrowd": 0, "category_id": 2, "segmentation": rect(2, 2, 12, 20)}]
+    if instances:
+        images = [{"id": i, "height": h, "width": w, "file_name": f"COCO_train2014_{i:012d}.jpg"}
+                  for i, (h, w) in sizes.items()]
+        with open(root / "grefcoco/instances.json", "w", encoding="utf-8") as f:
+            json.dump({"images": images, "annotations": anns, "categories": []}, f)
+
+    def ref(ref_id, ann_id, image_id, split, sents, first_sent):
+        sentences = [{"raw": s, "sent": s, "sent_id": first_sent + k, "tokens": s.split()} for k, s in enumerate(sents)]
+        return {"ref_id": ref_id, "image_id": image_id, "split": split, "ann_id": ann_id, "category_id": 1,
+                "no_target": ann_id == [-1], "sent_ids": [s["sent_id"] for s in sentences], "sentences": sentences,
+                "file_name": f"COCO_train2014_{image_id:012d}_3.jpg"}
+
+    refs = refs or [ref(0, 0, 7, "train", ["left box"], 0),  # scalar ann_id, ids 0
+                    ref(1, [1, 2], 7, "train", ["two boxes", "both boxes"], 1),  # overlapping union
+                    ref(2, [-1], 7, "train", ["the dog"], 3),  # no target
+                    ref(3, [1, 3], 7, "train", ["box and crowd"], 4),  # crowd dropped
+                    ref(4, [3], 7, "train", ["only crowd"], 5),  # crowd only: empty, yet a target
+                    ref(5, [4], 7, "train", [], 6),  # no sentences: no item
+                    ref(6, [5], 8, "val", ["tall box"], 7), ref(7, [0], 7, "testA", ["a"], 8),
+                    ref(8, [-1], 8, "testB", ["b"], 9)]
+    with open(root / "grefcoco/grefs(unc).json", "w", encoding="utf-8") as f:
+        json.dump(refs, f)
+    if pickle_refs is not None:
+        with open(root / "grefcoco/grefs(unc).p", "wb") as f:
+            pickle.dump(pickle_refs, f)
+    return root, refs, anns
+
+
+def test_gref_fixture_items_masks_and_flags(tmp_path):
+    """Scalar ann_id is wrapped, ids 0 work, the union has values <= 1, crowd is dropped, a crowd-only
+    ref is an empty target, [-1] is an all-zero no-target mask, and a ref without sentences has no item."""
+    root, _, anns = _write_gref(tmp_path / "g")
+    ds = data.GRefDataset(root, "train", image_size=32)
+    assert [(it["ref_id"], it["sent_id"]) for it in (ds[i] for i in range(len(ds)))] == \
+        [(0, 0), (1, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
+    assert ds.refs[0]["ann_id"] == [0] and ds.sentences == ["left box", "two boxes", "both boxes", "the dog",
+                                                             "box and crowd", "only crowd"]
+    anns = {a["id"]: a for a in anns}
+    for i, (ref, _) in enumerate(ds.items):
+        assert np.array_equal(ds.original_mask(i), _independent_union(anns, ref["ann_id"], 40, 60)), ref["ref_id"]
+    assert ds.original_mask(1)[15:21, 20:31].all()  # the overlap of annotations 1 and 2
+    assert ds[1]["mask"].max() == 1 and set(ds[1]["mask"].unique().tolist()) == {0.0, 1.0}
+    assert np.array_equal(ds.original_mask(4), _independent_union(anns, [1], 40, 60))  # crowd 3 dropped
+    assert [ds[i]["no_target"] for i in range(len(ds))] == [False, False, False, True, False, False]
+    assert not ds.original_mask(3).any() and not ds.original_mask(5).any()
+    assert ds[3]["mask"].sum() == 0 and ds[5]["mask"].sum() == 0
+
+
+def test_gref_fixture_pickle_is_preferred_and_image_comes_from_the_id(tmp_path):
+    """grefs(unc).p wins over grefs(unc).json (grefer.py's order); the suffixed file_name is ignored."""
+    root, refs, _ = _write_gref(tmp_path / "g")
+    assert data.GRefDataset(root, "val", image_size=32)[0]["image"].shape == (3, 32, 32)  # file_name has _3
+    (root / "grefcoco/grefs(unc).p").write_bytes(pickle.dumps([dict(refs[6], sentences=[
+        {"raw": "from the pickle", "sent": "from the pickle", "sent_id": 70, "tokens": []}])]))
+    assert data.GRefDataset(root, "val", image_size=32, load_images=False).sentences == ["from the pickle"]
+
+
+@pytest.mark.parametrize("missing", ["grefs(unc).json", "instances.json"])
+def test_gref_missing_files_name_the_layout(tmp_path, missing):
+    """A missing refs or instances file is a FileNotFoundError naming it, the layout and the source."""
+    root, _, _ = _write_gref(tmp_path / "g")
+    (root / "grefcoco" / missing).unlink()
+    with pytest.raises(FileNotFoundError) as e:
+        data.GRefDataset(root, "train")
+    msg = str(e.value)
+    assert missing in msg and "henghuiding/gRefCOCO" in msg and "images/train2014" in msg
+
+
+def test_gref_bad_split_and_bad_refs_are_named(tmp_path):
+    """An unknown split names the choices; a ref with an annotation id absent from instances.json or
+    with -1 among real ids names the ref, the id and the files."""
+    root, refs, _ = _write_gref(tmp_path / "g")
+    with pytest.raises(ValueError, match="'test'.*expected one of"):
+        data.GRefDataset(root, "test")
+    root2, _, _ = _write_gref(tmp_path / "h", refs=[dict(refs[1], ann_id=[1, 99])])
+    with pytest.raises(ValueError, match="ref 1 names annotation id 99") as e:
+        data.GRefDataset(root2, "train")
+    assert "grefs(unc).json" in str(e.value) and "instances.json" in str(e.value)
+    root3, _, _ = _write_gref(tmp_path / "i", refs=[dict(refs[1], ann_id=[-1, 1])])
+    with pytest.raises(ValueError, match="mixes the no-target id -1"):
+        data.GRefDataset(root3, "train")
+
+
+# ============================================================================================
+# PhraseCut: against ../shared/phrasecut-mini and a fixture written here
+# ============================================================================================
+
+PHRASECUT_MINI = {"train": (13, {3000101, 3000102, 3000103}), "val": (7, {3000201, 3000202}),
+                  "test": (8, {3000301, 3000302}), "miniv": (4, {3000401}),
+                  "val_miniv": (11, {3000201, 3000202, 3000401})}  # README: tasks, images
+
+
+def _official_restatement(task, w, h, vertex=int):
+    """The official polygons_to_mask restated: one PIL canvas per polygon, summed, > 0."""
+    total = np.zeros((h, w))
+    for instance in task["Polygons"]:
+        for polygon in instance:
+            if len(polygon) < 2:
+                continue
+            img = Image.new("L", (w, h), 0)
+            ImageDraw.Draw(img).polygon([(vertex(x), vertex(y)) for x, y in polygon], outline=1, fill=1)
+            total += np.array(img)
+    return total > 0
+
+
+@pytest.fixture(scope="module")
+def phrasecut_mini():
+    return shared_path("phrasecut-mini")
+
+
+@pytest.mark.parametrize("split", list(PHRASECUT_MINI))
+def test_phrasecut_mini_counts(phrasecut_mini, split):
+    """Tasks and images per split match the fixture's README; task ids and phrases are carried."""
+    n, images = PHRASECUT_MINI[split]
+    ds = data.PhraseCutDataset(phrasecut_mini, split, image_size=32, load_images=False)
+    assert len(ds) == n and set(ds.image_ids) == images
+    item = ds[0]
+    assert item["task_id"] == ds.tasks[0]["task_id"] and item["sentence"] == ds.tasks[0]["phrase"]
+    assert item["task_id"].split("__")[0] == str(item["image_id"]) and item["no_target"] is False
+
+
+def test_phrasecut_mini_masks_equal_the_official_restatement(phrasecut_mini):
+    """Every task's mask equals the per-polygon PIL re-statement at the recorded size, and differs from
+    rounding the vertices for 30 of the 32 tasks (README), so truncation is what makes it equal."""
+    differ = 0
+    for split in data.PHRASECUT_SPLITS:
+        ds = data.PhraseCutDataset(phrasecut_mini / "VGPhraseCut_v0", split, image_size=32, load_images=False)
+        for i, task in enumerate(ds.tasks):
+            entry = ds.images[task["image_id"]]
+            got = ds.original_mask(i)
+            assert got.shape == (entry["height"], entry["width"])
+            assert np.array_equal(got, _official_restatement(task, entry["width"], entry["height"])), task["task_id"]
+            differ += not np.array_equal(got, _official_restatement(task, entry["width"], entry["height"], round))
+    assert differ == 30
+
+
+def test_phrasecut_mask_hand_counted_pixels():
+    """Tiny polygons counted by hand: int() truncates -1.5 to -1 (floor would give -2), the outline
+    counts, a 2-point polygon is a line, a 1-point polygon is skipped, instances unite."""
+    tri = [[-1.5, 0.0], [3.0, 0.0], [-1.5, 4.5]]  # -> (-1,0) (3,0) (-1,4): pixels with x + y <= 3, x >= 0
+    assert data.phrasecut_mask([tri], 8, 6).sum() == 4 + 3 + 2 + 1
+    floor = Image.new("L", (8, 6), 0)
+    ImageDraw.Draw(floor).polygon([(-2, 0), (3, 0), (-2, 4)], outline=1, fill=1)
+    assert np.asarray(floor).sum() != 10
+    line = data.phrasecut_mask([[[0.7, 0.2], [4.9, 0.8]]], 8, 6)
+    assert line.sum() == 5 and line[0, :5].all()
+    assert data.phrasecut_mask([[[1.5, 1.5]]], 8, 6).sum() == 0
+    square = [[1, 1], [3.9, 1], [3.9, 3.2], [1, 3.2]]  # -> (1,1)-(3,3) inclusive: 3 x 3
+    other = [[3, 3], [5, 3], [5, 4], [3, 4]]  # 3 x 2, overlapping the square at (3, 3)
+    task = {"Polygons": [[square], [other, [[0, 5]]]]}
+    assert data.phrasecut_mask(data.phrasecut_polygons(task), 8, 6).sum() == 9 + 6 - 1
+
+
+def _write_phrasecut(root, *, mismatched=True):
+    """A tiny VGPhraseCut_v0: image 11 (recorded 40 x 30) saved at its size, image 12 (recorded 50 x 20)
+    saved at 25 x 10 when `mismatched`; test tasks on both, a val task on 12."""
+    folder = root / "VGPhraseCut_v0"
+    (folder / "images").mkdir(parents=True)
+    info = [{"image_id": 11, "width": 40, "height": 30, "split": "test"},
+            {"image_id": 12, "width": 50, "height": 20, "split": "test"},
+            {"image_id": 13, "width": 10, "height": 10, "split": "val"}]
+    for entry, saved in zip(info, [(40, 30), (25, 10) if mismatched else (50, 20), (10, 10)]):
+        Image.new("RGB", saved, (200, 10, 10)).save(folder / f"images/{entry['image_id']}.jpg")
+    with open(folder / "image_data_split.json", "w", encoding="utf-8") as f:
+        json.dump(info, f)
+
+    def task(image_id, ann_ids, phrase, polygons):
+        return {"task_id": f"{image_id}__" + "_".join(map(str, ann_ids)), "image_id": image_id, "ann_ids": ann_ids,
+                "phrase": phrase, "phrase_structure": {"name": phrase, "attributes": [], "relation_ids": [],
+                                                       "relation_descriptions": [], "type": "name"},
+                "instance_boxes": [[0, 0, 1, 1]] * len(polygons), "Polygons": polygons}
+
+    tests = [task(11, [1], "red car", [[[[2.5, 2.5], [10.9, 2.5], [10.9, 8.7], [2.5, 8.7]]]]),
+             task(12, [2, 3], "two cars", [[[[0, 0], [4, 0], [4, 4]]], [[[40, 10], [49, 10], [49, 19]]]]),
+             task(11, [4], "sky", [[[[0, 0], [39.9, 0]]]])]
+    for name, tasks in [("test", tests), ("val", [task(13, [5], "box", [[[[1, 1], [3, 1], [3, 3]]]])])]:
+        with open(folder / f"refer_{name}.json", "w", encoding="utf-8") as f:
+            json.dump(tasks, f)
+    return folder
+
+
+def test_phrasecut_fixture_layouts_items_and_collate(tmp_path):
+    """Both root layouts load; items carry task_id and no_target; collate_images carries them."""
+    folder = _write_phrasecut(tmp_path / "p", mismatched=False)
+    for root in (folder.parent, folder):
+        ds = data.PhraseCutDataset(root, "test", image_size=32)
+        assert ds.task_ids == ["11__1", "12__2_3", "11__4"] and not ds.mismatched_images
+    items = [ds[i] for i in range(3)]
+    assert all(set(it) == ITEM_KEYS | {"task_id"} for it in items)
+    assert items[0]["orig_size"].tolist() == [30, 40] and ds.original_mask(0).sum() == 9 * 7
+    batch = data.collate_images(items)
+    assert batch["task_id"] == ["11__1", "12__2_3", "11__4"] and batch["no_target"].tolist() == [False] * 3
+    assert batch["images"].shape == (2, 3, 32, 32) and batch["image_index"].tolist() == [0, 1, 0]
+
+
+@pytest.mark.parametrize("mode", ["resize", "skip"])
+def test_phrasecut_size_mismatch_warns_once_and_resizes_or_skips(tmp_path, mode):
+    """An image whose file differs from the recorded size: one warning with the count; "resize" keeps
+    its tasks and serves the picture at the recorded size, "skip" drops them."""
+    folder = _write_phrasecut(tmp_path / "p")
+    with pytest.warns(UserWarning, match=r"1 image\(s\) differ in size") as record:
+        ds = data.PhraseCutDataset(folder, "test", image_size=32, size_mismatch=mode)
+    assert len(record) == 1 and "12.jpg is 25x10, recorded 50x20" in str(record[0].message)
+    assert ds.mismatched_images == {12: (25, 10)}
+    if mode == "skip":
+        assert ds.task_ids == ["11__1", "11__4"]
+    else:
+        assert ds.task_ids == ["11__1", "12__2_3", "11__4"]
+        assert ds.load_image(12).size == (50, 20) and ds[1]["orig_size"].tolist() == [20, 50]
+        assert ds.original_mask(1).shape == (20, 50)
+
+
+def test_phrasecut_bad_input_is_named(tmp_path):
+    """Unknown split or size_mismatch, a missing refer_<split>.json and a task whose image is not
+    listed for the split are one-line errors naming the value or file."""
+    folder = _write_phrasecut(tmp_path / "p", mismatched=False)
+    for split in ("dev", "val_val", "val_"):
+        with pytest.raises(ValueError, match="unknown split"):
+            data.PhraseCutDataset(folder, split)
+    with pytest.raises(ValueError, match="size_mismatch"):
+        data.PhraseCutDataset(folder, "test", size_mismatch="crop")
+    with pytest.raises(FileNotFoundError, match=r"refer_miniv.json.*ChenyunWu/PhraseCutDataset"):
+        data.PhraseCutDataset(folder, "miniv")
+    assert len(data.PhraseCutDataset(folder, "test_val", image_size=32, load_images=False)) == 4
+    info = json.loads((folder / "image_data_split.json").read_text())
+    info[1]["split"] = "train"
+    (folder / "image_data_split.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=r"task 12__2_3 names image 12.*image_data_split.json"):
+        data.PhraseCutDataset(folder, "test")
+
+
+def test_build_dataset_knows_the_generalized_datasets(tmp_path):
+    """build_dataset builds grefcoco, phrasecut and shapes-gres, and rejects a wrong split_by or no root."""
+    root, _, _ = _write_gref(tmp_path / "g")
+    folder = _write_phrasecut(tmp_path / "p", mismatched=False)
+    assert isinstance(data.build_dataset("grefcoco", "val", root=root, image_size=32), data.GRefDataset)
+    assert isinstance(data.build_dataset("grefcoco", "val", root=root, split_by="unc", image_size=32), data.GRefDataset)
+    assert isinstance(data.build_dataset("phrasecut", "test", root=folder.parent, image_size=32), data.PhraseCutDataset)
+    assert isinstance(data.build_dataset("shapes-gres", "val", image_size=32), data.ShapesGresDataset)
+    with pytest.raises(ValueError, match="split_by 'google'"):
+        data.build_dataset("grefcoco", "val", root=root, split_by="google", image_size=32)
+    with pytest.raises(ValueError, match="PhraseCutDataset|ChenyunWu"):
+        data.build_dataset("phrasecut", "test", image_size=32)
+    assert data.DEFAULT_CONTEXT_LENGTH["grefcoco"] == data.DEFAULT_CONTEXT_LENGTH["phrasecut"] == 20
+
+
+# ============================================================================================
+# shapes-gres
+# ============================================================================================
+
+# Recorded from the shapes generator before shapes-gres was added (30 scenes per split; train with
+# seed 3): sha256 of repr(ds.items) and of each scene's size, background seed and objects.
+SHAPES_RECORDED = {
+    "train": (132, "ab7b4afc113a1890a682820c161454733b5f5c89e71fecfc2cf8f163bcd48cd7",
+              "d538a8fc4387629ee4f48ef81133fcf5f171e9e40b6108d6ccf35275b78d30fb"),
+    "val": (131, "6bbb6ec83273c56cd9acb99c2bfe270845ac0e99cd5cfbce0ad615aed25a440a",
+            "febba08cfdfbb8b59a84728cd59cc9c58e2f5dbdf000bf0cf9671fc60a3f1718"),
+    "test": (149, "29864152f8c2afb361ebbf2c924eb3f957ddcb168f0845bcd4c14a647d84864c",
+             "1a1602bc445d05010618c847564a6153b2fec495ea176ba86f77218c8fd6add1"),
+}
+SHAPES_VAL_MASKS_SHA256 = "9503c28445c8f71bcfcf6d7ccdbecef87e2f25cd55afcb6d6fd4b32cc8d0da9e"  # packbits of every mask
+
+
+def _scene_signature(scenes):
+    return [(s.height, s.width, s.background_seed,
+             [(o.shape, o.color, o.size, round(o.cx, 6), round(o.cy, 6), round(o.r, 6), o.rgb) for o in s.objects])
+            for s in scenes]
+
+
+@pytest.mark.parametrize("split", list(SHAPES_RECORDED))
+def test_shapes_is_bit_identical_to_the_recorded_generator(split):
+    """The plain shapes dataset still yields the recorded scenes, expressions, order and masks."""
+    import hashlib
+    n, items_sha, scenes_sha = SHAPES_RECORDED[split]
+    ds = data.ShapesDataset(split, num_images=30, seed=3 if split == "train" else 0, load_images=False)
+    assert len(ds) == n
+    assert hashlib.sha256(repr(ds.items).encode()).hexdigest() == items_sha
+    assert hashlib.sha256(repr(_scene_signature(ds.scenes)).encode()).hexdigest() == scenes_sha
+    if split == "val":
+        digest = hashlib.sha256()
+        for i in range(len(ds)):
+            digest.update(np.packbits(ds.original_mask(i)).tobytes())
+        assert digest.hexdigest() == SHAPES_VAL_MASKS_SHA256
+
+
+@pytest.fixture(scope="module")
+def gres_val():
+    return data.ShapesGresDataset("val", num_images=40, image_size=64)
+
+
+def test_shapes_gres_every_expression_picks_exactly_its_set(gres_val):
+    """The checker resolves every expression to exactly its stated objects (possibly none); masks are
+    their union and no_target is the empty set."""
+    for index, (image_id, targets, expr) in enumerate(gres_val.items):
+        scene = gres_val.scenes[image_id]
+        assert data.evaluate_expression(expr, scene) == list(targets), expr
+        expect = np.zeros((scene.height, scene.width), dtype=bool)
+        for obj in targets:
+            expect |= data.scene_mask(scene, obj)
+        assert np.array_equal(gres_val.original_mask(index), expect)
+        assert gres_val.no_target[index] == (not targets) == (not expect.any())
+
+
+def test_shapes_gres_keeps_the_shapes_scenes_and_shares(gres_val):
+    """Same scenes and single-target items as shapes; per scene at most ceil(n/2) multi- and no-target
+    items; overall about a quarter of each (measured 26.5 % on the default splits)."""
+    plain = data.ShapesDataset("val", num_images=40, image_size=64)
+    assert _scene_signature(plain.scenes) == _scene_signature(gres_val.scenes)
+    singles = [(i, t[0], e) for i, t, e in gres_val.items if len(t) == 1]
+    assert singles == plain.items
+    assert torch.equal(plain[0]["image"], gres_val[0]["image"])
+    for image_id, scene in enumerate(gres_val.scenes):
+        kinds = [len(t) for i, t, _ in gres_val.items if i == image_id]
+        k = -(-kinds.count(1) // 2)
+        assert sum(n > 1 for n in kinds) <= k and kinds.count(0) <= k
+    n = len(gres_val)
+    assert 0.2 < sum(len(t) > 1 for _, t, _ in gres_val.items) / n < 0.35
+    assert 0.2 < sum(not t for _, t, _ in gres_val.items) / n < 0.35
+
+
+def test_shapes_gres_items_and_collate(gres_val):
+    """Items carry no_target, no-target masks are all zero, and collate_images carries the flags."""
+    nt = gres_val.no_target.index(True)
+    multi = next(i for i, (_, t, _) in enumerate(gres_val.items) if len(t) > 1)
+    items = [gres_val[0], gres_val[multi], gres_val[nt]]
+    assert all(set(it) == ITEM_KEYS for it in items)
+    assert items[2]["mask"].sum() == 0 and items[1]["mask"].sum() > 0 and items[2]["no_target"]
+    assert data.collate_images(items)["no_target"].tolist() == [False, False, True]
+
+
+def test_checker_plural_forms_on_a_hand_built_scene():
+    """Hand-built scene: "all the", "the NUMBER" (exact count or nothing), "shapes", absent NPs."""
+    O = data.ShapeObject
+    objs = [O("circle", "red", "small", 20, 50, 8, (0, 0, 0)), O("circle", "red", "large", 80, 50, 12, (0, 0, 0)),
+            O("circle", "blue", "small", 140, 50, 8, (0, 0, 0)), O("square", "red", "small", 50, 100, 8, (0, 0, 0))]
+    scene = data.Scene(150, 160, 0, objs, [])
+    ev = lambda e: data.evaluate_expression(e, scene)
+    assert ev("all the circles") == [0, 1, 2] and ev("the three circles") == [0, 1, 2]
+    assert ev("the two red circles") == [0, 1] and ev("the two circles") == []
+    assert ev("all the red shapes") == [0, 1, 3] and ev("the four shapes") == [0, 1, 2, 3]
+    assert ev("all the small shapes") == [0, 2, 3] and ev("all the triangles") == []
+    assert ev("the blue square") == [] and ev("the large blue circle") == []
+    for bad in ("the two", "all the red", "all the purple stars"):
+        with pytest.raises(ValueError):
+            ev(bad)

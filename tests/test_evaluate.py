@@ -1,6 +1,7 @@
 """Tests for evaluate.py: the metrics, undoing the padding, the command line."""
 import dataclasses
 import json
+import math
 import types
 
 import numpy as np
@@ -744,3 +745,234 @@ def test_evaluate_cli_vis_select_worst(tiny_checkpoint, tmp_path, capsys):
     assert [n[:6] for n in names] == ["worst1", "worst2"]
     assert int(names[0].split("_iou")[1][:3]) <= int(names[1].split("_iou")[1][:3])
     assert f"in {tmp_path / 'vis' / 'val'}" in capsys.readouterr().out
+
+# --- gRefCOCO metrics (ReLA's refer_evaluation.py), PhraseCut metrics, the no-target decision ---
+
+
+def _gres_one(i, u, gt_nt, pred_nt):
+    """GRESMetrics after one sentence."""
+    m = evaluate.GRESMetrics()
+    score = m.update(torch.tensor([i]), torch.tensor([u]), torch.tensor([gt_nt]), torch.tensor([pred_nt]))
+    return m, float(score[0])
+
+
+@pytest.mark.parametrize("i,u,gt_nt,pred_nt,score,sum_i,sum_u", [
+    (0, 5, True, True, 1.0, 0, 0),  # no target, predicted no target (head rule, mask not empty): nothing added
+    (0, 0, True, False, 0.0, 0, 0),  # no target, predicted target with an empty mask: still 0
+    (0, 7, True, False, 0.0, 0, 7),  # no target, predicted target: its U is added
+    (3, 10, False, True, 0.0, 0, 10),  # target predicted no target: I counts 0, U added
+    (3, 4, False, False, 0.75, 3, 4),  # target predicted target: I/U
+    (0, 0, False, False, 0.0, 0, 0),  # target with U = 0 (empty GT and prediction): 0
+])
+def test_gres_metrics_every_row_of_the_table(i, u, gt_nt, pred_nt, score, sum_i, sum_u):
+    """Each row of ReLA's per-sentence table: the score and what is added to ΣI and ΣU."""
+    m, got = _gres_one(i, u, gt_nt, pred_nt)
+    assert got == score and (m.total_i, m.total_u) == (sum_i, sum_u)
+
+
+def test_gres_metrics_on_a_hand_built_split():
+    """cIoU, gIoU, N-acc, T-acc and Pr@X of a hand-built split of six sentences."""
+    m = evaluate.GRESMetrics()
+    #              NT+NT  NT+T  T+NT  T(0.9)  T(0.75)  T(0.5)
+    inter = torch.tensor([0, 0, 4, 9, 3, 1])
+    union = torch.tensor([2, 6, 8, 10, 4, 2])
+    gt_nt = torch.tensor([True, True, False, False, False, False])
+    pred_nt = torch.tensor([True, False, True, False, False, False])
+    m.update(inter, union, gt_nt, pred_nt)
+    out = m.compute()
+    assert out["cIoU"] == pytest.approx((9 + 3 + 1) / (6 + 8 + 10 + 4 + 2))
+    assert out["gIoU"] == pytest.approx((1 + 0 + 0 + 0.9 + 0.75 + 0.5) / 6)
+    assert (out["N-acc"], out["T-acc"]) == (0.5, 0.75)
+    assert (out["Pr@0.7"], out["Pr@0.8"], out["Pr@0.9"]) == (0.5, 0.25, 0.25)  # 0.9 >= 0.9 counts
+    assert (out["count"], out["count_no_target"], out["count_target"]) == (6, 2, 4)
+
+
+def test_gres_metrics_undefined_values_are_nan_not_zero():
+    """No sentence, no no-target sentence, no target sentence, ΣU = 0: undefined metrics are NaN."""
+    empty = evaluate.GRESMetrics().compute()
+    assert empty["count"] == 0 and all(math.isnan(empty[k]) for k in ("cIoU", "gIoU", "N-acc", "T-acc", "Pr@0.7"))
+    only_targets, _ = _gres_one(3, 4, False, False)
+    out = only_targets.compute()
+    assert math.isnan(out["N-acc"]) and out["T-acc"] == 1.0 and out["cIoU"] == 0.75
+    only_nt, _ = _gres_one(0, 0, True, True)
+    out = only_nt.compute()
+    assert math.isnan(out["cIoU"]) and math.isnan(out["T-acc"]) and math.isnan(out["Pr@0.9"])
+    assert out["gIoU"] == 1.0 and out["N-acc"] == 1.0
+    assert evaluate.without_nan(out)["cIoU"] is None
+
+
+def _rela_restatement(inter, union, gt_nt, pred_nt):
+    """ReLA's per-sample loop restated plainly (after the 2023-08-26 fix)."""
+    acc_i = acc_u = acc_iou = 0.0
+    tp = tn = fp = fn = 0
+    pr = {0.7: 0, 0.8: 0, 0.9: 0}
+    for i, u, g, p in zip(inter, union, gt_nt, pred_nt):
+        if g:
+            if p:
+                tp += 1
+                acc_iou += 1
+            else:
+                fn += 1
+                acc_u += u
+        else:
+            if p:
+                fp += 1
+                i = 0
+            else:
+                tn += 1
+            iou = 0.0 if u == 0 else i / u
+            acc_iou += iou
+            acc_i += i
+            acc_u += u
+            for t in pr:
+                pr[t] += iou >= t
+    n_t = tn + fp
+    return {"cIoU": acc_i / acc_u if acc_u else float("nan"), "gIoU": acc_iou / len(inter),
+            "N-acc": tp / (tp + fn) if tp + fn else float("nan"), "T-acc": tn / n_t if n_t else float("nan"),
+            **{f"Pr@{t:g}": pr[t] / n_t if n_t else float("nan") for t in pr}}
+
+
+@given(mask_pairs(max_batch=8), st.lists(st.booleans(), min_size=8, max_size=8), st.integers(0, 2**16))
+def test_gres_metrics_match_a_restatement_of_relas_loop(pair, pred_flags, seed):
+    """On random masks and decisions (empty GT = no target), GRESMetrics equals ReLA's loop restated."""
+    pred, gt = pair
+    gt_nt = ~gt.flatten(1).any(1)
+    pred_nt = torch.tensor(pred_flags[:len(gt)])
+    inter, union = evaluate.intersection_union(pred, gt)
+    m = evaluate.GRESMetrics()
+    m.update(inter, union, gt_nt, pred_nt)
+    got, expect = m.compute(), _rela_restatement(inter.tolist(), union.tolist(), gt_nt.tolist(), pred_nt.tolist())
+    for key, value in expect.items():
+        assert (math.isnan(got[key]) and math.isnan(value)) or got[key] == pytest.approx(value, abs=1e-12), key
+
+
+def test_gres_state_sums_like_one_process():
+    """Two metrics' states added (what all_reduce does) equal one metric that saw every sentence."""
+    gen = torch.Generator().manual_seed(3)
+    inter, union = torch.randint(0, 5, (9,), generator=gen), torch.randint(5, 9, (9,), generator=gen)
+    gt_nt, pred_nt = torch.rand(9, generator=gen) > 0.6, torch.rand(9, generator=gen) > 0.5
+    a, b, whole = evaluate.GRESMetrics(), evaluate.GRESMetrics(), evaluate.GRESMetrics()
+    a.update(inter[:4], union[:4], gt_nt[:4], pred_nt[:4])
+    b.update(inter[4:], union[4:], gt_nt[4:], pred_nt[4:])
+    whole.update(inter, union, gt_nt, pred_nt)
+    merged = evaluate.GRESMetrics()
+    merged.load_state(a.state() + b.state())
+    assert merged.compute() == pytest.approx(whole.compute(), nan_ok=True)
+
+
+def test_gres_update_rejects_mismatched_lengths():
+    """inter, union and the two flag vectors must have one entry per sentence."""
+    with pytest.raises(ValueError, match="B entries each"):
+        evaluate.GRESMetrics().update(torch.tensor([1, 2]), torch.tensor([2, 2]), torch.tensor([False]),
+                                      torch.tensor([False, True]))
+
+
+def test_phrasecut_metrics_official_rules_by_hand():
+    """Empty prediction on empty GT scores 0; Acc@X needs IoU strictly above X; cumIoU = ΣI/ΣU."""
+    pred = torch.zeros(3, 2, 4, dtype=torch.bool)
+    gt = torch.zeros(3, 2, 4, dtype=torch.bool)
+    gt[1, 0, :2] = pred[1, 0, :1] = True  # I = 1, U = 2: IoU exactly 0.5
+    gt[2, :, :3] = pred[2, :, :3] = True  # IoU 1
+    m = evaluate.PhraseCutMetrics()
+    iou = m.update(pred, gt)
+    assert iou.tolist() == [0.0, 0.5, 1.0]
+    out = m.compute()
+    assert out["mIoU"] == pytest.approx(0.5) and out["cumIoU"] == pytest.approx(7 / 8)
+    assert out["Acc@0.5"] == pytest.approx(1 / 3) and out["Acc@0.9"] == pytest.approx(1 / 3) and out["count"] == 3
+    ris = evaluate.RISMetrics()
+    ris.update(*evaluate.intersection_union(pred[:1], gt[:1]))
+    assert ris.compute()["mIoU"] == 1.0  # the RefCOCO convention differs on purpose
+
+
+@given(mask_pairs(max_batch=8))
+def test_phrasecut_metrics_match_the_official_formulas(pair):
+    """Per task IoU = 0 if I == 0 else I/U, mean / cumulative IoU and strict accuracies, restated with numpy."""
+    pred, gt = pair
+    p, g = pred.numpy(), gt.numpy()
+    i = np.array([(p[b] & g[b]).sum() for b in range(len(p))])
+    u = np.array([((p[b].astype(int) + g[b]) > 0).sum() for b in range(len(p))])
+    iou = np.where(i == 0, 0.0, i / np.maximum(u, 1))
+    m = evaluate.PhraseCutMetrics()
+    m.update(pred, gt)
+    out = m.compute()
+    assert out["mIoU"] == pytest.approx(iou.mean(), abs=1e-12)
+    assert (math.isnan(out["cumIoU"]) and u.sum() == 0) or out["cumIoU"] == pytest.approx(i.sum() / u.sum())
+    for t in evaluate.PHRASECUT_THRESHOLDS:
+        assert out[f"Acc@{t:g}"] == pytest.approx(np.mean(iou > t), abs=1e-12)
+
+
+def test_phrasecut_metrics_refuse_another_size_and_report_nan_when_empty():
+    """A prediction whose size differs from the ground truth is refused; no task gives NaN."""
+    with pytest.raises(ValueError, match=r"PhraseCut: prediction of shape \(4, 5\).*\(4, 6\).*image_data_split"):
+        evaluate.PhraseCutMetrics().update(torch.zeros(4, 5, dtype=torch.bool), torch.zeros(4, 6, dtype=torch.bool))
+    out = evaluate.PhraseCutMetrics().compute()
+    assert out["count"] == 0 and math.isnan(out["mIoU"]) and math.isnan(out["Acc@0.5"])
+    m = evaluate.PhraseCutMetrics()
+    m.update(torch.zeros(2, 3, dtype=torch.bool), torch.zeros(2, 3, dtype=torch.bool))
+    assert math.isnan(m.compute()["cumIoU"]) and m.compute()["mIoU"] == 0.0
+
+
+def _ddp_metrics_worker(rank, world, init_file, out_file):
+    """One gloo rank: score its share of a fixed set of sentences/tasks, all_reduce, rank 0 writes."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    gen = torch.Generator().manual_seed(5)
+    inter, union = torch.randint(0, 5, (8,), generator=gen), torch.randint(5, 9, (8,), generator=gen)
+    gt_nt, pred_nt = torch.rand(8, generator=gen) > 0.6, torch.rand(8, generator=gen) > 0.5
+    pred, gt = torch.rand(8, 3, 3, generator=gen) > 0.5, torch.rand(8, 3, 3, generator=gen) > 0.5
+    gres, cut = evaluate.GRESMetrics(), evaluate.PhraseCutMetrics()
+    gres.update(inter[rank::world], union[rank::world], gt_nt[rank::world], pred_nt[rank::world])
+    cut.update(pred[rank::world], gt[rank::world])
+    gres.all_reduce()
+    cut.all_reduce()
+    if rank == 0:
+        with open(out_file, "w") as f:
+            json.dump(evaluate.without_nan({"gres": gres.compute(), "cut": cut.compute()}), f)
+    dist.destroy_process_group()
+
+
+def test_gres_and_phrasecut_metrics_all_reduce_over_two_ranks(tmp_path):
+    """Under a 2-process gloo group, all_reduce gives the numbers of one process that saw everything."""
+    torch.multiprocessing.spawn(_ddp_metrics_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out.json")),
+                                nprocs=2, join=True)
+    got = json.loads((tmp_path / "out.json").read_text())
+    gen = torch.Generator().manual_seed(5)
+    inter, union = torch.randint(0, 5, (8,), generator=gen), torch.randint(5, 9, (8,), generator=gen)
+    gt_nt, pred_nt = torch.rand(8, generator=gen) > 0.6, torch.rand(8, generator=gen) > 0.5
+    pred, gt = torch.rand(8, 3, 3, generator=gen) > 0.5, torch.rand(8, 3, 3, generator=gen) > 0.5
+    gres, cut = evaluate.GRESMetrics(), evaluate.PhraseCutMetrics()
+    gres.update(inter, union, gt_nt, pred_nt)
+    cut.update(pred, gt)
+    assert got["gres"] == pytest.approx(evaluate.without_nan(gres.compute()))
+    assert got["cut"] == pytest.approx(cut.compute())
+
+
+def test_no_target_decision_rules():
+    """empty-mask: fewer than min_pixels foreground pixels; head: sigmoid(logit) > threshold (strict)."""
+    masks = [torch.zeros(3, 4, dtype=torch.bool), torch.ones(2, 2, dtype=torch.bool), torch.eye(3, dtype=torch.bool)]
+    assert evaluate.no_target_decision("empty-mask", masks=masks).tolist() == [True, False, False]
+    assert evaluate.no_target_decision("empty-mask", masks=masks, min_pixels=4).tolist() == [True, False, True]
+    assert evaluate.no_target_decision("empty-mask", masks=masks, min_pixels=5).tolist() == [True, True, True]
+    logits = torch.tensor([0.0, 0.1, -3.0, 2.0])
+    assert evaluate.no_target_decision("head", no_target_logits=logits).tolist() == [False, True, False, True]
+    assert evaluate.no_target_decision("head", no_target_logits=logits, threshold=0.9).tolist() == [False] * 4
+
+
+def test_no_target_decision_errors_and_protocol_text():
+    """Unknown rules and missing inputs are named; the rule text states the rule and its value."""
+    with pytest.raises(ValueError, match="'largest'"):
+        evaluate.no_target_decision("largest", masks=[])
+    with pytest.raises(ValueError, match="predicted masks"):
+        evaluate.no_target_decision("empty-mask")
+    with pytest.raises(ValueError, match="no_target_weight > 0"):
+        evaluate.no_target_decision("head", masks=[])
+    with pytest.raises(ValueError, match="min_pixels"):
+        evaluate.no_target_decision("empty-mask", masks=[], min_pixels=0)
+    with pytest.raises(ValueError, match="threshold"):
+        evaluate.no_target_decision("head", no_target_logits=torch.zeros(1), threshold=1.0)
+    assert "empty-mask rule" in evaluate.no_target_rule_text("empty-mask") and "empty" in \
+        evaluate.no_target_rule_text("empty-mask")
+    assert "fewer than 50" in evaluate.no_target_rule_text("empty-mask", min_pixels=50)
+    assert "sigmoid(logit) > 0.7" in evaluate.no_target_rule_text("head", threshold=0.7)
+    with pytest.raises(ValueError, match="'x'"):
+        evaluate.no_target_rule_text("x")

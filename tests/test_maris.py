@@ -2,6 +2,7 @@
 and a CPU overfit run. Everything uses the tiny preset (random frozen encoders) at small S."""
 import functools
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -953,7 +954,7 @@ def test_main_prints_parameters_and_shapes(capsys):
     maris.main(["--preset", "tiny", "--image-size", "64", "--batch-size", "2"])
     out = capsys.readouterr().out
     assert "feature_enhancement" in out and "frozen" in out
-    assert "mask_decoder (logits)" in out and "(2, 1, 16, 16)" in out
+    assert "mask_decoder (logits, query token)" in out and "(2, 1, 16, 16)" in out
 
 
 def test_tiny_model_overfits_one_batch():
@@ -1284,3 +1285,117 @@ def test_visual_pe_is_fp32_exact_under_bf16_autocast():
         auto = model.visual_pe((8, 8))
     assert auto.dtype == torch.float32
     torch.testing.assert_close(auto, plain, rtol=0, atol=0)
+
+
+# --- No-target head (ReLA style) and the no-target loss ------------------------------------------
+
+def nt_setup(S: int = 32, **overrides):
+    """A private tiny model (training mode) and one batch whose third sentence has no target."""
+    model = fresh_tiny(S, **overrides).train()
+    ids, wm = make_text([6, 8, 5], 8, seed=21)
+    masks, valid = seg_batch(3, S, seed=22)
+    masks[2] = 0  # the no-target sentence's all-empty ground truth
+    batch = dict(ids=ids, word_mask=wm, masks=masks, valid=valid, images=make_images(2, S, seed=23),
+                 image_index=torch.tensor([0, 1, 1]))
+    return model, batch, torch.tensor([False, False, True])
+
+
+def test_no_target_off_builds_nothing_and_changes_nothing():
+    """With no_target_weight 0 there is no head, no logit and no extra weight, and passing labels
+    changes neither the loss nor any gradient (off is MARIS exactly)."""
+    model, batch, labels = nt_setup()
+    assert model.no_target_head is None and model.cfg.no_target_weight == 0.0
+    assert not any("no_target" in k for k in model.state_dict())
+    with torch.no_grad():
+        out = model.forward_features(batch["ids"], batch["word_mask"], images=batch["images"],
+                                     image_index=batch["image_index"])
+    assert out["no_target_logit"] is None and out["query"].shape == (3, model.cfg.embed_dim)
+    results = []
+    for extra in ({}, {"no_target": labels}):
+        model.zero_grad()
+        loss = maris.TrainStep(model)(**batch, **extra)
+        loss["loss"].backward()
+        assert loss["no_target"] == 0
+        results.append((loss["loss"].detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                 if p.grad is not None}))
+    (a, ga), (b, gb) = results
+    assert torch.equal(a, b) and ga.keys() == gb.keys() and all(torch.equal(ga[k], gb[k]) for k in ga)
+
+
+def test_no_target_head_on_leaves_maris_weights_and_logits_unchanged():
+    """The head is built last: every other initial weight and the mask logits equal the model without
+    it; the head adds only no_target_head.* to the trainable state; forward still returns logits."""
+    plain, (with_head, batch, _) = nt_setup()[0], nt_setup(no_target_weight=1.0)
+    extra = set(with_head.trainable_state_dict()) - set(plain.trainable_state_dict())
+    assert extra and all(k.startswith("no_target_head.") for k in extra)
+    assert all(torch.equal(v, with_head.state_dict()[k]) for k, v in plain.state_dict().items())
+    plain.eval()
+    with_head.eval()
+    with torch.no_grad():
+        args = (batch["images"], batch["ids"], batch["word_mask"])
+        logits = with_head(*args, image_index=batch["image_index"])
+        out = with_head.forward_features(batch["ids"], batch["word_mask"], images=batch["images"],
+                                         image_index=batch["image_index"])
+        assert torch.equal(logits, plain(*args, image_index=batch["image_index"]))
+    assert torch.is_tensor(logits) and out["no_target_logit"].shape == (3,)
+    expected = with_head.no_target_head(out["query"])[:, 0]  # the MLP on the query token's final state
+    assert torch.equal(out["no_target_logit"], expected)
+
+
+def test_focal_and_dice_on_an_all_empty_target_are_finite():
+    """An all-empty ground truth (every sentence no-target) gives a finite loss and finite gradients."""
+    model, batch, _ = nt_setup()
+    batch["masks"] = torch.zeros_like(batch["masks"])
+    out = maris.TrainStep(model)(**batch)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and torch.isfinite(out["focal"]) and torch.isfinite(out["dice"])
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_no_target_loss_is_binary_cross_entropy():
+    """no_target_loss equals -[y log s + (1 - y) log(1 - s)] averaged, s = sigmoid(logit), by hand."""
+    logit = torch.tensor([0.0, 2.0, -1.0])
+    label = torch.tensor([True, False, False])
+    s = torch.sigmoid(logit)
+    by_hand = -(torch.log(s[0]) + torch.log(1 - s[1]) + torch.log(1 - s[2])) / 3
+    torch.testing.assert_close(maris.no_target_loss(logit, label), by_hand)
+    assert maris.no_target_loss(torch.zeros(2), torch.tensor([True, False])).item() == pytest.approx(math.log(2))
+    with pytest.raises(ValueError, match="3 logits but 2"):
+        maris.no_target_loss(logit, label[:2])
+
+
+def test_no_target_bce_trains_the_head():
+    """With no_target_weight > 0 the weighted BCE is part of the loss, reaches the head, and a few steps
+    make the head separate the no-target sentence from the others."""
+    torch.manual_seed(0)
+    model, batch, labels = nt_setup(no_target_weight=0.5)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    history = []
+    for step in range(30):
+        out = maris.TrainStep(model)(**batch, no_target=labels)
+        if step == 0:
+            torch.testing.assert_close(out["loss"], 20 * out["focal"] + out["dice"] + 0.5 * out["no_target"])
+        history.append(out["no_target"].item())
+        opt.zero_grad()
+        out["loss"].backward()
+        if step == 0:
+            assert model.no_target_head.layers[0].weight.grad.abs().sum() > 0
+        opt.step()
+    assert history[-1] < 0.3 * history[0], history
+    model.eval()
+    with torch.no_grad():
+        logit = model.forward_features(batch["ids"], batch["word_mask"], images=batch["images"],
+                                       image_index=batch["image_index"])["no_target_logit"]
+    assert ((torch.sigmoid(logit) > 0.5) == labels).all()
+
+
+def test_no_target_weight_errors():
+    """A negative weight is refused at build; a positive weight without labels is refused in the loss."""
+    with pytest.raises(ValueError, match="no_target_weight"):
+        fresh_tiny(32, no_target_weight=-1.0)
+    model, batch, _ = nt_setup(no_target_weight=1.0)
+    with pytest.raises(ValueError, match="no_target labels"):
+        maris.TrainStep(model)(**batch)
+    cfg = maris.config_from_dict(maris.config_to_dict(model.cfg))
+    assert cfg.no_target_weight == 1.0
