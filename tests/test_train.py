@@ -598,3 +598,23 @@ def test_gpu_train_evaluate_and_cache_end_to_end(tmp_path):
     results = evaluate.main(["--ckpt", str(tmp_path / "cached" / "last.pt"), "--split", "val", "--device", "cuda",
                              "--no-progress", "--feature-cache", str(cache), "--out-dir", str(tmp_path / "eval")])
     assert results["val"]["count"] > 0 and 0 <= results["val"]["oIoU"] <= 1
+
+
+# --- SAM's attention through scaled_dot_product_attention ---
+
+@pytest.mark.parametrize("value", ["sdpa", '"sdpa"'])
+def test_model_set_sam_attention_reaches_the_model_and_the_checkpoint(tmp_path, value):
+    """`--model-set sam_attention=sdpa` (bare or JSON-quoted) trains with the SDPA attention, the
+    checkpoint's config carries it and evaluate.py's rebuild uses it again."""
+    out = tmp_path / "run"
+    train.main(shapes_args(out, "--max-steps", "1", "--model-set", f"sam_attention={value}"))
+    ckpt = evaluate.read_checkpoint(out / "last.pt")
+    assert ckpt["config"]["sam_attention"] == "sdpa"
+    assert maris.get_sam_attention(evaluate.model_from_checkpoint(ckpt).image_encoder) == "sdpa"
+
+
+def test_model_set_rejects_an_unknown_sam_attention():
+    """An unknown --model-set sam_attention value stops with a one-line error naming it."""
+    opts = train.resolve_options(train.parse_options(["--model-set", "sam_attention=flash"])[0])
+    with pytest.raises(SystemExit, match="sam_attention must be one of stock, sdpa; got 'flash'"):
+        train.model_config(opts)
