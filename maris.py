@@ -363,10 +363,11 @@ def set_sam_attention(encoder: nn.Module, kind: str) -> None:
     """
     if kind not in _SAM_ATTENTION_CLASSES:
         raise ValueError(f"sam_attention must be one of {', '.join(SAM_ATTENTION_KINDS)}; got {kind!r}")
-    for i, block in enumerate(encoder.blocks):
+    for i, block in enumerate(encoder.blocks):  # check every block before switching any
         if type(block.attn) not in _SAM_ATTENTION_CLASSES.values():
             raise TypeError(f"blocks[{i}].attn is a {type(block.attn).__name__}, not segment-anything's "
                             f"image_encoder.Attention")
+    for block in encoder.blocks:
         block.attn.__class__ = _SAM_ATTENTION_CLASSES[kind]
 
 
@@ -374,12 +375,12 @@ def get_sam_attention(encoder: nn.Module) -> str:
     """The attention kind of a SAM image encoder's blocks ("stock" or "sdpa").
 
     Raises:
-        ValueError: the blocks do not all use one kind.
+        ValueError: the blocks do not all use one known kind.
     """
-    kinds = {kind for block in encoder.blocks for kind, cls in _SAM_ATTENTION_CLASSES.items()
-             if type(block.attn) is cls}
-    if len(kinds) != 1:
-        raise ValueError(f"the encoder's blocks use {sorted(kinds) or 'no known'} attention kinds, expected one")
+    by_class = {cls: kind for kind, cls in _SAM_ATTENTION_CLASSES.items()}
+    kinds = {by_class.get(type(block.attn), type(block.attn).__name__) for block in encoder.blocks}
+    if len(kinds) != 1 or not kinds <= set(SAM_ATTENTION_KINDS):
+        raise ValueError(f"the encoder's blocks use attention {sorted(kinds)}, expected one of {SAM_ATTENTION_KINDS}")
     return kinds.pop()
 
 

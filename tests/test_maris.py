@@ -979,13 +979,17 @@ def test_set_sam_attention_is_reversible_and_keeps_keys_copies_and_pickles():
 
 
 def test_set_sam_attention_rejects_unknown_kinds_and_modules():
-    """An unknown kind raises ValueError naming it; a block whose attn is not SAM's raises TypeError."""
+    """An unknown kind raises ValueError naming it; a block whose attn is not SAM's raises TypeError before
+    any block is switched, and get_sam_attention refuses such an encoder."""
     encoder = randomised_sam_encoder("tiny", 64)
     with pytest.raises(ValueError, match="'flash'"):
         maris.set_sam_attention(encoder, "flash")
     encoder.blocks[2].attn = nn.Identity()
     with pytest.raises(TypeError, match=r"blocks\[2\].attn is a Identity"):
         maris.set_sam_attention(encoder, "sdpa")
+    assert type(encoder.blocks[0].attn) is maris.SamAttention  # nothing was switched
+    with pytest.raises(ValueError, match="Identity"):
+        maris.get_sam_attention(encoder)
 
 
 def test_sam_attention_config_field_builds_round_trips_and_validates():
