@@ -11,6 +11,7 @@ figures above; the peak comes from `PEAK_TFLOPS` by GPU name or from --peak-tflo
     python bench/encoder.py --preset vit_h --device cuda --compile eager compiled --dtype bf16
     python bench/encoder.py --preset tiny --device cpu --iters 2               # a CPU smoke run (seconds)
     python bench/encoder.py --preset vit_b --image-size 256 --device cpu --batch 1 --iters 2
+    python bench/encoder.py --preset vit_b vit_h --flops-only                # the FLOP counts alone (seconds)
 
 "bf16" is bf16 autocast over the fp32 weights (what train.py and evaluate.py run); "bf16-weights" casts the
 encoder itself to bf16 (no autocast). Weights are random: the time of a forward does not depend on them.
@@ -179,7 +180,17 @@ def main(argv=None) -> dict:
     p.add_argument("--peak-tflops-fp32", type=float, default=None,
                    help="fp32 peak TFLOP/s of the device (default: PEAK_TFLOPS by GPU name)")
     p.add_argument("--json", type=pathlib.Path, default=None, help="also write the header and rows as JSON here")
+    p.add_argument("--flops-only", action="store_true", help="print the FLOP counts and stop (no timing)")
     args = p.parse_args(argv)
+    if args.flops_only:
+        counts = {}
+        for preset in args.preset:
+            counts[preset] = flops = count_flops(preset, args.image_size)
+            S = args.image_size or maris.PRESETS[preset].get("image_size", maris.MarisConfig.image_size)
+            ref = REFERENCE_TMAC.get(preset) if S == 1024 else None
+            print(f"FlopCounterMode, {preset} at S = {S}: {flops / 1e9:,.1f} GFLOP = {flops / 2e12:.4f} TMAC per image"
+                  + (f" (reference: {ref} TMAC)" if ref else ""))
+        return {"flops": counts}
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)

@@ -8,7 +8,8 @@
 #   bash bench/gpu_session.sh prepare      # on a machine with PyPI, in the repo root: .whl/ (the packages a bare
 #                                          # GPU image lacks: segment-anything, pycocotools, ftfy, wcwidth, for
 #                                          # Python 3.12) and .data/refcoco-mini (a copy of ../shared/refcoco-mini)
-#   bash bench/gpu_session.sh a            # on the GPU machine, one group per command, each under 10 minutes:
+#   bash bench/gpu_session.sh a            # on the GPU machine (.whl and .data carried along: both are
+#                                          # git-ignored), one group per command, each under 10 minutes:
 #   bash bench/gpu_session.sh b            #   a: env tests encoder torchrun   b: verify verify_compile dataloader
 #   bash bench/gpu_session.sh c            #   c: train_vit_h train_vit_b      d: encoder_compile suite
 #   bash bench/gpu_session.sh d            # (groups in order of value; steps can also be named one by one)
@@ -78,7 +79,7 @@ prepare() {  # on a machine with PyPI: wheels for Python 3.12 x86-64 and the fix
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .whl segment-anything==1.0 pycocotools==2.0.11 ftfy==6.3.1 wcwidth==0.9.4
-  rm -rf .data/refcoco-mini && cp -rL ../shared/refcoco-mini .data/refcoco-mini
+  rm -rf .data/refcoco-mini && cp -rL ../shared/refcoco-mini .data/refcoco-mini && chmod -R u+w .data/refcoco-mini
   git rev-parse HEAD >.data/COMMIT 2>/dev/null || true
   ls -l .whl .data
   echo "now, on the GPU machine (carry .whl and .data): bash bench/gpu_session.sh a   (then b, c, d)"
@@ -89,7 +90,7 @@ setup() {  # on the GPU machine: the carried wheels, then a check that the proje
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
       && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
-  mkdir -p "$OUT" "$WORK"
+  [ "$DRY" = 1 ] || mkdir -p "$OUT" "$WORK"
 }
 
 step_env() {
@@ -145,12 +146,14 @@ verify_args() {  # real size: vit_h, S = 1024, bf16, batch 8, K = 7 sentences pe
 step_verify() {  # the real-size run, eager
   data_root || return 0
   verify_args
+  rm -rf "$WORK/verify"  # a fresh run: train.py appends to an existing metrics.jsonl
   run verify "${STEP_LIMIT[verify]}" "$PY" -c "$VERIFY_PY" "$WORK/verify" "${VERIFY_ARGS[@]}" --out-dir "$WORK/verify"
 }
 
 step_verify_compile() {  # the same with --compile, logging every recompilation (TORCH_LOGS=recompiles)
   data_root || return 0
   verify_args
+  rm -rf "$WORK/verify_compile"
   run verify_compile "${STEP_LIMIT[verify_compile]}" env TORCH_LOGS=recompiles "$PY" -c "$VERIFY_PY" \
     "$WORK/verify_compile" "${VERIFY_ARGS[@]}" --compile --out-dir "$WORK/verify_compile"
   [ "$DRY" = 1 ] || echo "recompilations logged: $(grep -c 'Recompiling' "$OUT/verify_compile.log")" \
@@ -181,17 +184,22 @@ step_suite() {  # the whole CPU suite under this image's torch (tests that need 
   run suite "${STEP_LIMIT[suite]}" "$PY" -m pytest -q tests -x -p no:cacheprovider
 }
 
-if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
-if [ "${1:-}" = "prepare" ]; then prepare; exit $?; fi
-steps=()
-for arg in "${@:-all}"; do
-  if [ "$arg" = all ]; then steps+=(${STEP_GROUPS[a]} ${STEP_GROUPS[b]} ${STEP_GROUPS[c]} ${STEP_GROUPS[d]})
-  elif [ -n "${STEP_GROUPS[$arg]:-}" ]; then steps+=(${STEP_GROUPS[$arg]})
-  elif [ -n "${STEP_LIMIT[$arg]:-}" ]; then steps+=("$arg")
-  else echo "unknown step or group '$arg': groups ${!STEP_GROUPS[*]}, steps ${!STEP_LIMIT[*]}, or prepare" >&2; exit 2
-  fi
-done
-setup
-[ "$DRY" = 1 ] || echo "steps: ${steps[*]} -> $OUT" | tee -a "$OUT/summary.txt"
-for s in "${steps[@]}"; do "step_$s"; done
-[ "$DRY" = 1 ] || { echo "steps ${steps[*]}: $SECONDS s in all" >>"$OUT/summary.txt"; cat "$OUT/summary.txt"; }
+main() {  # a function, so bash has read the whole script before it runs (editing it mid-run changes nothing)
+  if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
+  if [ "${1:-}" = "prepare" ]; then prepare; return $?; fi
+  local steps=() arg s
+  for arg in "${@:-all}"; do
+    if [ "$arg" = all ]; then steps+=(${STEP_GROUPS[a]} ${STEP_GROUPS[b]} ${STEP_GROUPS[c]} ${STEP_GROUPS[d]})
+    elif [ -n "${STEP_GROUPS[$arg]:-}" ]; then steps+=(${STEP_GROUPS[$arg]})
+    elif [ -n "${STEP_LIMIT[$arg]:-}" ]; then steps+=("$arg")
+    else echo "unknown step or group '$arg': groups ${!STEP_GROUPS[*]}, steps ${!STEP_LIMIT[*]}, or prepare" >&2
+      return 2
+    fi
+  done
+  setup
+  [ "$DRY" = 1 ] || echo "steps: ${steps[*]} -> $OUT" | tee -a "$OUT/summary.txt"
+  for s in "${steps[@]}"; do "step_$s"; done
+  [ "$DRY" = 1 ] || { echo "steps ${steps[*]}: $SECONDS s in all" >>"$OUT/summary.txt"; cat "$OUT/summary.txt"; }
+}
+
+main "$@"; exit $?

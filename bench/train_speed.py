@@ -117,6 +117,10 @@ def child_train(mode: str, args) -> dict:
         argv += ["--compile"]
     if mode in ("cache", "cache_build"):
         argv += ["--feature-cache", str(pathlib.Path(args.work) / "cache")]
+    # A fresh run (train.py appends to an existing metrics.jsonl); cache_build starts from an empty cache.
+    shutil.rmtree(out, ignore_errors=True)
+    if mode == "cache_build":
+        shutil.rmtree(pathlib.Path(args.work) / "cache", ignore_errors=True)
     start = time.perf_counter()
     train.main(argv)
     wall = time.perf_counter() - start
