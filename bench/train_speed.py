@@ -116,11 +116,11 @@ def child_train(mode: str, args) -> dict:
     if args.compile:
         argv += ["--compile"]
     if mode in ("cache", "cache_build"):
-        argv += ["--feature-cache", str(pathlib.Path(args.work) / "cache")]
+        argv += ["--feature-cache", str(pathlib.Path(args.work) / "feature-cache")]
     # A fresh run (train.py appends to an existing metrics.jsonl); cache_build starts from an empty cache.
     shutil.rmtree(out, ignore_errors=True)
     if mode == "cache_build":
-        shutil.rmtree(pathlib.Path(args.work) / "cache", ignore_errors=True)
+        shutil.rmtree(pathlib.Path(args.work) / "feature-cache", ignore_errors=True)
     start = time.perf_counter()
     train.main(argv)
     wall = time.perf_counter() - start
@@ -131,7 +131,7 @@ def child_train(mode: str, args) -> dict:
                   steps=records[-1]["step"], run_wall_s=wall, encoder_passes=passes[0],
                   **peak_memory_mib(resolve(args)[0]))
     if mode in ("cache", "cache_build"):
-        files = list((pathlib.Path(args.work) / "cache").rglob("*.npy"))
+        files = list((pathlib.Path(args.work) / "feature-cache").rglob("*.npy"))
         result["cache_bytes_per_image"] = sum(f.stat().st_size for f in files) / max(1, len(files))
         result["cache_images"] = len(files)
     return result
