@@ -604,17 +604,21 @@ def test_gpu_train_evaluate_and_cache_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("value", ["sdpa", '"sdpa"'])
 def test_model_set_sam_attention_reaches_the_model_and_the_checkpoint(tmp_path, value):
-    """`--model-set sam_attention=sdpa` (bare or JSON-quoted) trains with the SDPA attention, the
-    checkpoint's config carries it and evaluate.py's rebuild uses it again."""
+    """`--model-set sam_attention=sdpa` (bare or JSON-quoted) trains with the SDPA attention and the
+    checkpoint's config carries it, so a model rebuilt from that config uses it again."""
     out = tmp_path / "run"
-    train.main(shapes_args(out, "--max-steps", "1", "--model-set", f"sam_attention={value}"))
-    ckpt = evaluate.read_checkpoint(out / "last.pt")
-    assert ckpt["config"]["sam_attention"] == "sdpa"
-    assert maris.get_sam_attention(evaluate.model_from_checkpoint(ckpt).image_encoder) == "sdpa"
+    built = []
+    real = maris.set_sam_attention
+    with pytest.MonkeyPatch.context() as mp:  # record the kind every model of the run is built with
+        mp.setattr(maris, "set_sam_attention", lambda encoder, kind: built.append(kind) or real(encoder, kind))
+        train.main(shapes_args(out, "--max-steps", "1", "--model-set", f"sam_attention={value}"))
+    assert built and set(built) == {"sdpa"}
+    config = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["config"]
+    assert config["sam_attention"] == "sdpa"
+    assert maris.get_sam_attention(maris.MARIS(maris.config_from_dict(config)).image_encoder) == "sdpa"
 
 
-def test_model_set_rejects_an_unknown_sam_attention():
-    """An unknown --model-set sam_attention value stops with a one-line error naming it."""
-    opts = train.resolve_options(train.parse_options(["--model-set", "sam_attention=flash"])[0])
+def test_model_set_rejects_an_unknown_sam_attention(tmp_path):
+    """An unknown --model-set sam_attention value stops train.py with a one-line error naming it."""
     with pytest.raises(SystemExit, match="sam_attention must be one of stock, sdpa; got 'flash'"):
-        train.model_config(opts)
+        train.main(shapes_args(tmp_path / "run", "--max-steps", "1", "--model-set", "sam_attention=flash"))
