@@ -3,7 +3,8 @@
 train.py joins a process group only when WORLD_SIZE > 1, so `torchrun --nproc_per_node 1 train.py` runs its
 single-process path and a one-GPU machine cannot check NCCL through it (NCCL refuses two ranks on one GPU).
 This script joins the group whatever the world size, wraps a tiny MARIS in DistributedDataParallel as
-train.py does, runs three bf16 (CUDA) training steps and an all_reduce, and prints one line:
+train.py does (through `maris.TrainStep` where the project has it), runs three bf16 (CUDA) training steps
+and an all_reduce, and prints one line:
 
     torchrun --standalone --nproc_per_node 1 bench/ddp_check.py
 """
@@ -31,7 +32,10 @@ def main() -> None:
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model = maris.build_maris(maris.make_config("tiny", image_size=64)).to(device)
-    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if cuda else None,
+    # The module train.py wraps: maris.TrainStep (the model and its training loss) where the project has
+    # one, else MARIS itself.
+    step = maris.TrainStep(model) if hasattr(maris, "TrainStep") else model
+    ddp = torch.nn.parallel.DistributedDataParallel(step, device_ids=[local] if cuda else None,
                                                     broadcast_buffers=False, find_unused_parameters=False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     g = torch.Generator().manual_seed(rank)
@@ -41,8 +45,12 @@ def main() -> None:
     losses = []
     for _ in range(3):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            logits = ddp(images, ids.to(device), word_mask.to(device))  # (B, 1, 4H, 4W)
-        loss = maris.segmentation_loss(logits.float(), masks, None, model.cfg)["loss"]
+            if step is model:
+                logits = ddp(images, ids.to(device), word_mask.to(device))  # (B, 1, 4H, 4W)
+                loss = maris.segmentation_loss(logits.float(), masks, None, model.cfg)["loss"]
+            else:
+                loss = ddp(ids=ids.to(device), word_mask=word_mask.to(device), masks=masks, valid=None,
+                           images=images)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
