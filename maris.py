@@ -98,6 +98,11 @@ SamMLP = _sam.mask_decoder.MLP  # `layers.{i}` Linear stack with ReLU, SAM's hyp
 
 # --- Config ----------------------------------------------------------------------------------
 
+# How SAM's ViT blocks compute attention (`set_sam_attention`): segment-anything's own forward, or
+# the same function through F.scaled_dot_product_attention.
+SAM_ATTENTION_KINDS = ("stock", "sdpa")
+
+
 @dataclass
 class MarisConfig:
     """All sizes and reconstruction choices of MARIS; only `build_maris` reads it."""
@@ -110,6 +115,9 @@ class MarisConfig:
     sam_num_heads: int = 12
     sam_global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
     sam_window_size: int = 14
+    # "stock" = segment-anything's attention code; "sdpa" = `SDPASamAttention`, the same outputs
+    # (within float rounding) through F.scaled_dot_product_attention, for fused GPU kernels.
+    sam_attention: str = "stock"
     # NOTE(paper): the paper says "shallow, middle and deep" SAM features; we tap the outputs of
     # the 2nd, 3rd and 4th global-attention blocks.
     fe_taps: tuple[int, ...] = (5, 8, 11)
@@ -195,6 +203,11 @@ class MarisConfig:
     # the same in every process: trainable weights + config then reproduce the model.
     init_seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.sam_attention not in SAM_ATTENTION_KINDS:
+            raise ValueError(f"sam_attention must be one of {', '.join(SAM_ATTENTION_KINDS)}; "
+                             f"got {self.sam_attention!r}")
+
 
 PRESETS: dict[str, dict] = {
     # SAM ViT-B/L/H image encoders at S = 1024 with CLIP ViT-B/16's text tower.
@@ -275,6 +288,108 @@ def sam_encoder_taps(encoder: nn.Module, images: Tensor, taps: tuple[int, ...]
             kept[i] = x
     neck = encoder.neck(x.permute(0, 3, 1, 2))  # (B, D, H, W) -> (B, C, H, W)
     return neck, [kept[i] for i in taps]
+
+
+# --- SAM's ViT attention through scaled_dot_product_attention (opt-in) ------------------------
+# segment-anything's `Attention.forward` materialises the logits (B * h, N, N), adds the decomposed
+# relative-position terms and runs a separate softmax. `SDPASamAttention` computes the same function
+# with F.scaled_dot_product_attention, the relative-position terms passed as its additive float
+# mask, so PyTorch can pick a fused kernel on a GPU. The package is not edited: `set_sam_attention`
+# switches the class of the existing modules, which keeps their parameters, state-dict keys and
+# forward hooks (RISAM's adapters), and survives copy.deepcopy and pickling.
+
+SamAttention = _sam.image_encoder.Attention  # segment-anything's ViT attention (the "stock" path)
+
+
+def sam_rel_pos_bias(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, grid: tuple[int, int]) -> Tensor:
+    """SAM's decomposed relative-position terms as an additive attention bias.
+
+    bias[n, m] = q_n . R_h[y_n - y_m] + q_n . R_w[x_n - x_m] for query token n at grid position
+    (y_n, x_n) and key token m (MViTv2's decomposed relative positions, Li et al., CVPR 2022), as
+    segment-anything's `add_decomposed_rel_pos` adds them to the logits; q is the unscaled query.
+    The tables are read with segment-anything's own `get_rel_pos`.
+
+    Args:
+        q: (B, h, N, d) queries of an (Hg, Wg) token grid, N = Hg * Wg (a window or the whole map).
+        rel_pos_h: (2 Hg - 1, d) table of vertical offsets; rel_pos_w: (2 Wg - 1, d) horizontal.
+        grid: (Hg, Wg).
+
+    Returns:
+        (B, h, N, N) bias, in q's dtype.
+    """
+    Hg, Wg = grid
+    B, h, N, d = q.shape
+    R_h = _sam.image_encoder.get_rel_pos(Hg, Hg, rel_pos_h).to(q.dtype)  # (Hg, Hg, d): [y_n, y_m]
+    R_w = _sam.image_encoder.get_rel_pos(Wg, Wg, rel_pos_w).to(q.dtype)  # (Wg, Wg, d): [x_n, x_m]
+    q_grid = q.reshape(B, h, Hg, Wg, d)  # (B, h, N, d) -> (B, h, Hg, Wg, d)
+    rel_h = torch.einsum("bnyxd,ykd->bnyxk", q_grid, R_h)  # (B, h, Hg, Wg, Hg): per key row
+    rel_w = torch.einsum("bnyxd,xkd->bnyxk", q_grid, R_w)  # (B, h, Hg, Wg, Wg): per key column
+    bias = rel_h[..., :, None] + rel_w[..., None, :]  # (B, h, Hg, Wg, Hg, Wg)
+    return bias.reshape(B, h, N, N)  # query (y, x) x key (y, x) -> (B, h, N, N)
+
+
+class SDPASamAttention(SamAttention):
+    """segment-anything's ViT-block attention (SAM's `image_encoder.Attention`) through
+    F.scaled_dot_product_attention.
+
+    softmax(q k^T * scale + bias) v with bias = `sam_rel_pos_bias` passed as SDPA's additive float
+    mask and scale = SAM's head_dim ** -0.5 (SDPA's default too, given explicitly). Same parameters
+    as the parent (so the same state-dict keys); `set_sam_attention` makes existing modules of
+    segment-anything's class into this one and back.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (B, Hg, Wg, D) -> (B, Hg, Wg, D); in a windowed block B counts the windows."""
+        B, Hg, Wg, _ = x.shape
+        N = Hg * Wg
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, -1)  # (B, N, 3, h, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (3, B, h, N, d) -> 3 x (B, h, N, d)
+        bias = sam_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (Hg, Wg)) if self.use_rel_pos else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)  # (B, h, N, d)
+        out = out.transpose(1, 2).reshape(B, Hg, Wg, -1)  # (B, N, h, d) -> (B, Hg, Wg, D)
+        return self.proj(out)
+
+
+_SAM_ATTENTION_CLASSES = {"stock": SamAttention, "sdpa": SDPASamAttention}
+
+
+def set_sam_attention(encoder: nn.Module, kind: str) -> None:
+    """Switch the attention of every ViT block of a SAM image encoder, in place and reversibly.
+
+    Only the class of each `blocks[i].attn` changes (segment-anything's `Attention` for "stock",
+    `SDPASamAttention` for "sdpa"); its parameters, state-dict keys and forward hooks stay, so
+    official SAM checkpoints load strictly and RISAM's adapters keep working. Switch before
+    `torch.compile`-ing the encoder.
+
+    Args:
+        encoder: a SAM `ImageEncoderViT`.
+        kind: one of `SAM_ATTENTION_KINDS`.
+
+    Raises:
+        ValueError: an unknown kind. TypeError: a block's `attn` is not segment-anything's
+            `Attention` (nor `SDPASamAttention`).
+    """
+    if kind not in _SAM_ATTENTION_CLASSES:
+        raise ValueError(f"sam_attention must be one of {', '.join(SAM_ATTENTION_KINDS)}; got {kind!r}")
+    for i, block in enumerate(encoder.blocks):  # check every block before switching any
+        if type(block.attn) not in _SAM_ATTENTION_CLASSES.values():
+            raise TypeError(f"blocks[{i}].attn is a {type(block.attn).__name__}, not segment-anything's "
+                            f"image_encoder.Attention")
+    for block in encoder.blocks:
+        block.attn.__class__ = _SAM_ATTENTION_CLASSES[kind]
+
+
+def get_sam_attention(encoder: nn.Module) -> str:
+    """The attention kind of a SAM image encoder's blocks ("stock" or "sdpa").
+
+    Raises:
+        ValueError: the blocks do not all use one known kind.
+    """
+    by_class = {cls: kind for kind, cls in _SAM_ATTENTION_CLASSES.items()}
+    kinds = {by_class.get(type(block.attn), type(block.attn).__name__) for block in encoder.blocks}
+    if len(kinds) != 1 or not kinds <= set(SAM_ATTENTION_KINDS):
+        raise ValueError(f"the encoder's blocks use attention {sorted(kinds)}, expected one of {SAM_ATTENTION_KINDS}")
+    return kinds.pop()
 
 
 # --- RISAM adapters on SAM's ViT blocks -------------------------------------------------------
@@ -738,6 +853,7 @@ class MARIS(nn.Module):
             depth=cfg.sam_depth, num_heads=cfg.sam_num_heads,
             global_attn_indexes=cfg.sam_global_attn_indexes, window_size=cfg.sam_window_size,
             out_chans=C)
+        set_sam_attention(self.image_encoder, cfg.sam_attention)  # "stock" leaves SAM's code as is
         self.text_encoder = CLIPTextEncoder(
             vocab_size=cfg.vocab_size, context_length=cfg.text_context_length,
             width=cfg.text_width, layers=cfg.text_layers, heads=cfg.text_heads,

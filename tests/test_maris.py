@@ -1399,3 +1399,170 @@ def test_no_target_weight_errors():
         maris.TrainStep(model)(**batch)
     cfg = maris.config_from_dict(maris.config_to_dict(model.cfg))
     assert cfg.no_target_weight == 1.0
+
+# --- SAM's attention through scaled_dot_product_attention ---------------------------------------
+
+def randomised_sam_encoder(preset: str, S: int, *, window_size: int | None = None, seed: int = 0) -> nn.Module:
+    """A SAM image encoder of a preset at side S, every weight perturbed: segment-anything starts
+    pos_embed and the relative-position tables at zero, which would hide a wrong bias."""
+    cfg = maris.make_config(preset, image_size=S)
+    torch.manual_seed(seed)
+    encoder = maris.build_sam_image_encoder(
+        image_size=S, patch_size=cfg.patch_size, embed_dim=cfg.sam_embed_dim, depth=cfg.sam_depth,
+        num_heads=cfg.sam_num_heads, global_attn_indexes=cfg.sam_global_attn_indexes,
+        window_size=window_size or cfg.sam_window_size, out_chans=cfg.embed_dim).eval()
+    with torch.no_grad():
+        for name, p in encoder.named_parameters():
+            p.add_(torch.randn_like(p) * (0.3 if "rel_pos" in name else 0.02))
+    return encoder
+
+
+def encoder_outputs(encoder: nn.Module, images: torch.Tensor, taps: tuple[int, ...]) -> list[torch.Tensor]:
+    """[neck, *taps] of `maris.sam_encoder_taps`, without autograd."""
+    with torch.no_grad():
+        neck, tapped = maris.sam_encoder_taps(encoder, images, taps)
+    return [neck, *tapped]
+
+
+def test_sam_sdpa_attention_equals_stock_tiny_with_padded_windows():
+    """Tiny preset, 5 x 5 grid in 4 x 4 windows (padded) and global blocks: neck and every block's
+    output with "sdpa" equal segment-anything's forward within 1e-5 in fp32."""
+    encoder = randomised_sam_encoder("tiny", 80, window_size=4)
+    assert [b.window_size for b in encoder.blocks] == [4, 0, 4, 0]
+    taps = tuple(range(len(encoder.blocks)))
+    images = make_images(2, 80, seed=20)
+    stock = encoder_outputs(encoder, images, taps)
+    maris.set_sam_attention(encoder, "sdpa")
+    assert all(type(b.attn) is maris.SDPASamAttention for b in encoder.blocks)
+    sdpa = encoder_outputs(encoder, images, taps)
+    for a, b in zip(stock, sdpa):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the perturbed tables move the outputs far beyond the tolerance
+        for block in encoder.blocks:
+            block.attn.rel_pos_h.zero_()
+            block.attn.rel_pos_w.zero_()
+    assert (encoder_outputs(encoder, images, taps)[0] - stock[0]).abs().max() > 1e-2
+
+
+def test_sam_sdpa_attention_equals_stock_vit_b_small_image():
+    """vit_b at S = 256 (16 x 16 grid: windows of 14 padded to 28, four global blocks): neck and the
+    Feature Enhancement taps with "sdpa" equal segment-anything's forward within 1e-5 in fp32."""
+    encoder = randomised_sam_encoder("vit_b", 256)
+    taps = maris.make_config("vit_b").fe_taps
+    images = make_images(1, 256, seed=21)
+    stock = encoder_outputs(encoder, images, taps)
+    maris.set_sam_attention(encoder, "sdpa")
+    sdpa = encoder_outputs(encoder, images, taps)
+    for a, b in zip(stock, sdpa):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_sam_sdpa_attention_adapter_gradients_equal_stock():
+    """With RISAM's adapters (forward hooks on blocks[i].attn) and padded windows, "sdpa" gives the
+    same encoder outputs and the same adapter gradients as the stock attention."""
+    model = fresh_tiny(64, adapters=True, sam_window_size=3)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in [*model.image_encoder.named_parameters(), *model.image_adapters.named_parameters()]:
+            p.add_(torch.randn_like(p) * (0.3 if "rel_pos" in name else 0.05))
+    images = make_images(2, 64, seed=22)
+    results = {}
+    for kind in ("stock", "sdpa"):
+        maris.set_sam_attention(model.image_encoder, kind)
+        model.zero_grad(set_to_none=True)
+        out = model.encode_image(images)
+        g = torch.Generator().manual_seed(3)  # a fixed random direction for every output
+        loss = sum((t * torch.randn(t.shape, generator=g)).sum() for t in [out["neck"], *out["taps"]])
+        loss.backward()
+        results[kind] = (out["neck"].detach(), {n: p.grad.clone() for n, p in model.image_adapters.named_parameters()})
+    torch.testing.assert_close(results["sdpa"][0], results["stock"][0], atol=1e-5, rtol=1e-5)
+    grads_stock, grads_sdpa = results["stock"][1], results["sdpa"][1]
+    assert set(grads_sdpa) == set(grads_stock)
+    for name, grad in grads_stock.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(grads_sdpa[name], grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_set_sam_attention_is_reversible_and_keeps_keys_copies_and_pickles():
+    """Switching to "sdpa" keeps the state-dict keys; switching back restores segment-anything's class
+    and bit-identical outputs; deepcopy and pickling keep the switched class."""
+    import copy
+    import pickle
+    encoder = randomised_sam_encoder("tiny", 64, window_size=3)
+    images = make_images(1, 64, seed=23)
+    keys = list(encoder.state_dict())
+    before = encoder_outputs(encoder, images, (1,))
+    maris.set_sam_attention(encoder, "sdpa")
+    assert list(encoder.state_dict()) == keys and maris.get_sam_attention(encoder) == "sdpa"
+    sdpa = encoder_outputs(encoder, images, (1,))
+    for twin in (copy.deepcopy(encoder), pickle.loads(pickle.dumps(encoder))):
+        assert all(type(b.attn) is maris.SDPASamAttention for b in twin.blocks)
+        assert all(torch.equal(a, b) for a, b in zip(encoder_outputs(twin, images, (1,)), sdpa))
+    maris.set_sam_attention(encoder, "stock")
+    assert all(type(b.attn) is maris.SamAttention for b in encoder.blocks)
+    assert maris.get_sam_attention(encoder) == "stock"
+    assert all(torch.equal(a, b) for a, b in zip(encoder_outputs(encoder, images, (1,)), before))
+
+
+def test_set_sam_attention_rejects_unknown_kinds_and_modules():
+    """An unknown kind raises ValueError naming it; a block whose attn is not SAM's raises TypeError before
+    any block is switched, and get_sam_attention refuses such an encoder."""
+    encoder = randomised_sam_encoder("tiny", 64)
+    with pytest.raises(ValueError, match="'flash'"):
+        maris.set_sam_attention(encoder, "flash")
+    encoder.blocks[2].attn = nn.Identity()
+    with pytest.raises(TypeError, match=r"blocks\[2\].attn is a Identity"):
+        maris.set_sam_attention(encoder, "sdpa")
+    assert type(encoder.blocks[0].attn) is maris.SamAttention  # nothing was switched
+    with pytest.raises(ValueError, match="Identity"):
+        maris.get_sam_attention(encoder)
+
+
+def test_sam_attention_config_field_builds_round_trips_and_validates():
+    """cfg.sam_attention selects the encoder's attention when MARIS is built, survives the checkpoint
+    dict, defaults to "stock" for configs written before the field existed, and rejects unknown values."""
+    cfg = maris.make_config("tiny", image_size=32, sam_attention="sdpa")
+    assert maris.get_sam_attention(maris.MARIS(cfg).image_encoder) == "sdpa"
+    assert maris.get_sam_attention(maris.MARIS(maris.make_config("tiny", image_size=32)).image_encoder) == "stock"
+    d = maris.config_to_dict(cfg)
+    assert d["sam_attention"] == "sdpa" and maris.config_from_dict(d) == cfg
+    old = {k: v for k, v in d.items() if k != "sam_attention"}
+    assert maris.config_from_dict(old).sam_attention == "stock"
+    with pytest.raises(ValueError, match="sam_attention must be one of stock, sdpa; got 'SDPA'"):
+        maris.make_config("tiny", sam_attention="SDPA")
+
+
+def test_sdpa_model_loads_sam_checkpoint_strictly_and_reproduces_sam(sam_checkpoint):
+    """An official-layout SAM checkpoint loads strictly into a model built with sam_attention="sdpa",
+    whose image embedding then equals segment-anything's own encoder within 1e-5."""
+    cfg, sam, path = sam_checkpoint
+    model = fresh_tiny(64, sam_attention="sdpa")
+    report = maris.load_sam_checkpoint(model, path)
+    assert {"image_encoder." + k for k in sam.image_encoder.state_dict()} <= set(report["loaded"])
+    images = make_images(2, 64, seed=24)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images)["neck"], sam.image_encoder(images),
+                                   atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_sam_sdpa_attention_matches_stock_in_a_fused_kernel():
+    """On the GPU, "sdpa" runs in PyTorch's memory-efficient kernel (which takes the additive bias) and
+    matches the stock attention: 1e-4 in fp32, 5e-2 (relative to the largest output) under bf16 autocast."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    encoder = randomised_sam_encoder("vit_b", 256).cuda()
+    images = make_images(2, 256, seed=25).cuda()
+    taps = maris.make_config("vit_b").fe_taps
+    for bf16 in (False, True):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            maris.set_sam_attention(encoder, "stock")
+            stock = encoder_outputs(encoder, images, taps)
+            maris.set_sam_attention(encoder, "sdpa")
+            with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):  # raises if the kernel cannot take the inputs
+                fused = encoder_outputs(encoder, images, taps)
+        for a, b in zip(stock, fused):
+            assert torch.isfinite(b).all()
+            if bf16:
+                assert (b.float() - a.float()).abs().max() <= 5e-2 * a.float().abs().max()
+            else:
+                torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)

@@ -706,3 +706,27 @@ def test_gpu_train_evaluate_and_cache_end_to_end(tmp_path):
     results = evaluate.main(["--ckpt", str(tmp_path / "cached" / "last.pt"), "--split", "val", "--device", "cuda",
                              "--no-progress", "--feature-cache", str(cache), "--out-dir", str(tmp_path / "eval")])
     assert results["val"]["count"] > 0 and 0 <= results["val"]["oIoU"] <= 1
+
+
+# --- SAM's attention through scaled_dot_product_attention ---
+
+@pytest.mark.parametrize("value", ["sdpa", '"sdpa"'])
+def test_model_set_sam_attention_reaches_the_model_and_the_checkpoint(tmp_path, value):
+    """`--model-set sam_attention=sdpa` (bare or JSON-quoted) trains with the SDPA attention and the
+    checkpoint's config carries it, so a model rebuilt from that config uses it again."""
+    out = tmp_path / "run"
+    built = []
+    real = maris.set_sam_attention
+    with pytest.MonkeyPatch.context() as mp:  # record the kind every model of the run is built with
+        mp.setattr(maris, "set_sam_attention", lambda encoder, kind: built.append(kind) or real(encoder, kind))
+        train.main(shapes_args(out, "--max-steps", "1", "--model-set", f"sam_attention={value}"))
+    assert built and set(built) == {"sdpa"}
+    config = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["config"]
+    assert config["sam_attention"] == "sdpa"
+    assert maris.get_sam_attention(maris.MARIS(maris.config_from_dict(config)).image_encoder) == "sdpa"
+
+
+def test_model_set_rejects_an_unknown_sam_attention(tmp_path):
+    """An unknown --model-set sam_attention value stops train.py with a one-line error naming it."""
+    with pytest.raises(SystemExit, match="sam_attention must be one of stock, sdpa; got 'flash'"):
+        train.main(shapes_args(tmp_path / "run", "--max-steps", "1", "--model-set", "sam_attention=flash"))
