@@ -17,6 +17,11 @@ Optional, all off by default (with them off the model and its training are exact
     A ReLA-style no-target head on the query token for expressions that refer to nothing (gRefCOCO),
     trained with `no_target_loss`.
 
+The paper's ablations are `MarisConfig` switches whose defaults are MARIS: `fusion` (Fig. 4: both
+directions with one shared affinity, one direction alone, separate affinities, no fusion blocks),
+`query_token` (Fig. 5: the multi-modal query token, its learned or its sentence part alone),
+`feature_enhancement` (Fig. 2) and K = `maa_depth`. A variant builds only the weights it uses.
+
 Shape letters, used in every comment of this file:
     B batch (sentences), B_img distinct images, S input side, H = W = S / 16 feature side,
     N = H * W visual tokens, D SAM ViT width, L text tokens, E CLIP text width,
@@ -540,13 +545,12 @@ class MutualAwareAttention(nn.Module):
         self.out_proj_visual = nn.Linear(dim, dim) if vision_guided else None  # W_o,v
         self.out_proj_words = nn.Linear(dim, dim) if language_guided else None  # W_o,l
         hidden = int(dim * mlp_ratio)
-        if vision_guided:
-            self.norm_visual1, self.norm_visual2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        if language_guided:
-            self.norm_words1, self.norm_words2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.norm_visual1, self.norm_visual2 = (nn.LayerNorm(dim), nn.LayerNorm(dim)) if vision_guided else (None, None)
+        self.norm_words1, self.norm_words2 = (nn.LayerNorm(dim), nn.LayerNorm(dim)) if language_guided else (None, None)
         self.mlp_visual = FeedForward(dim, hidden) if vision_guided else None
         self.mlp_words = FeedForward(dim, hidden) if language_guided else None
         # Ablation "separate": Language-Guided Attention's own queries (words) and keys (visual tokens).
+        # A block with one direction has one affinity either way.
         self.shared_affinity = shared_affinity or not (vision_guided and language_guided)
         if not self.shared_affinity:
             self.q_proj_words = nn.Linear(dim, dim)  # W_q,l on words
@@ -790,7 +794,10 @@ class MARIS(nn.Module):
     Attention blocks and the Mutual-Aware Mask Decoder.
 
     Build with `build_maris` (which also loads weights); the sub-modules take explicit
-    arguments and can be copied out alone.
+    arguments and can be copied out alone. The config's ablation switches decide which modules exist:
+    `fusion` the kind of the K = `maa_depth` blocks (none, and no word position encoding P_l, for
+    "none"), `query_token` the decoder's query token, `feature_enhancement` whether the Feature
+    Enhancement module exists (`feature_enhancement` is None without it).
     """
 
     def __init__(self, cfg: MarisConfig) -> None:
@@ -817,9 +824,9 @@ class MARIS(nn.Module):
         # its matrix loads from `prompt_encoder.pe_layer.*` of a SAM checkpoint.
         self.pe_layer = PositionEmbeddingRandom(C // 2)
         # Ablation `feature_enhancement=False`: F_v = F_sam, no module (see `forward_features`).
-        self.feature_enhancement = FeatureEnhancement(
-            in_dim=cfg.sam_embed_dim, dim=C, num_taps=len(cfg.fe_taps), zero_init=cfg.fe_zero_init
-        ) if cfg.feature_enhancement else None
+        self.feature_enhancement = (
+            FeatureEnhancement(in_dim=cfg.sam_embed_dim, dim=C, num_taps=len(cfg.fe_taps), zero_init=cfg.fe_zero_init)
+            if cfg.feature_enhancement else None)
         self.word_proj = nn.Linear(cfg.text_width, C)  # F_w (E) -> F_l (C)
         # Ablation `fusion`: which branches of Fig. 4 a block has, and whether they share A; "none" builds
         # no block, and then no word position encoding P_l either (only the blocks read it).

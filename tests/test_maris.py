@@ -1512,7 +1512,8 @@ def test_variants_build_only_the_modules_they_use():
     assert keys(fusion="separate") >= base and {k.split(".", 2)[2] for k in extra} == {
         "q_proj_words.weight", "q_proj_words.bias", "k_proj_visual.weight", "k_proj_visual.bias"}
     assert base - keys(fusion="none") == {k for k in base if k.startswith("maa_blocks.")} | {"word_pos"}
-    assert base - keys(query_token="learned") == {"mask_decoder.sentence_proj.weight", "mask_decoder.sentence_proj.bias"}
+    assert base - keys(query_token="learned") == {"mask_decoder.sentence_proj.weight",
+                                                  "mask_decoder.sentence_proj.bias"}
     assert base - keys(query_token="sentence") == {"mask_decoder.query_token.weight"}
     assert base - keys(feature_enhancement=False) == {k for k in base if k.startswith("feature_enhancement.")}
     assert {k.split(".")[1] for k in keys(maa_depth=3) if k.startswith("maa_blocks.")} == {"0", "1", "2"}
@@ -1615,9 +1616,11 @@ def decoder_pair(query_token: str) -> tuple[nn.Module, nn.Module]:
 
 
 def decoder_inputs(seed: int = 0):
+    """Random F_v' (2, 9, 16) on a 3 x 3 grid, F_l' (2, 5, 16) with a padded row, F_s (2, 8), P_v (9, 16)."""
     g = torch.Generator().manual_seed(seed)
     words, wm = torch.randn(2, 5, 16, generator=g), torch.tensor([[True] * 5, [True, True, False, False, False]])
-    return torch.randn(2, 9, 16, generator=g), words, wm, torch.randn(2, 8, generator=g), torch.randn(9, 16, generator=g)
+    visual, sentence = torch.randn(2, 9, 16, generator=g), torch.randn(2, 8, generator=g)
+    return visual, words, wm, sentence, torch.randn(9, 16, generator=g)
 
 
 def test_learned_query_token_ignores_the_sentence_and_equals_a_zero_sentence_projection():
