@@ -1,6 +1,6 @@
 """The paper's ablations on the built-in shapes task: MARIS and each single change, several seeds, one table.
 
-    python bench/ablation.py                                  # every variant x 3 seeds, the demo's schedule
+    python bench/ablation.py --jobs 2                         # every variant x 3 seeds, the demo's schedule
     python bench/ablation.py --variants maris vga_only --seeds 1
     python bench/ablation.py --steps 1112                     # another budget (optimizer steps per run)
     python bench/ablation.py --quick                          # smoke test: 1 seed, 2 steps, S = 32, 8 items
@@ -17,24 +17,27 @@ Budget: `--steps N` optimizer steps per run, every variant the same; the learnin
 whole epochs that hold N steps (`--epochs ceil(N / steps per epoch)`, `--max-steps N`), so it decays fully
 when N is a whole number of epochs. The default (0) is the demo's own schedule, all of its epochs.
 
-Runs go to <out>/runs/<variant>/seed<k>/ (train.py's last.pt and metrics.jsonl, plus result.json). A run
-whose result.json exists is not run again (a result made with other settings is refused: use another
---out); a killed run continues from its last.pt (`--resume auto`, exact), and its result.json then says
-from which step its seconds count. Prints the table and writes <out>/ablation.json and, when matplotlib is
-installed (`pip install matplotlib`; an optional bench dependency, not in requirements.txt),
-<out>/ablation.png. Seconds are the wall and CPU (process) time of each `train.main` call, data building
-and the final validation included; they depend on the machine and its load.
+Runs go to <out>/runs/<variant>/seed<k>/ (train.py's last.pt and metrics.jsonl, its printed output in
+train.log, and result.json); the console gets a line per run. A run whose result.json exists is not run
+again (a result made with other settings is refused: use another --out); a killed run continues from its
+last.pt (`--resume auto`, exact), and its result.json then says from which step its seconds count. Prints
+the table and writes <out>/ablation.json and, when matplotlib is installed (`pip install matplotlib`; an
+optional bench dependency, not in requirements.txt), <out>/ablation.png. Seconds are the wall and CPU
+(process) time of each `train.main` call, data building and the final validation included; they depend on
+the machine and its load.
 
-The runs use `--threads` torch threads (default 1: two threads per process on a loaded 2-core machine
-were measured many times slower). To use both cores of an idle 2-core machine, start two calls with the
-same --out and disjoint --variants, then one call with every variant: it reads their results and writes
-the whole table.
+Each run uses `--threads` torch threads (default 1: two threads per process on a loaded 2-core machine
+were many times slower per step); `--jobs 2` runs two at a time, each in its own process, to use both
+cores of a 2-core machine.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
 import json
 import math
+import multiprocessing
 import os
 import pathlib
 import platform
@@ -81,17 +84,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=None,
                    help="output folder (default runs/ablation, runs/ablation-quick with --quick)")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads of the runs (default 1: steady on a shared machine, and two calls with "
-                        "disjoint --variants and the same --out use both cores of a 2-core one)")
+                   help="torch CPU threads per run (default 1: steady on a shared machine)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at a time, each in its own process (default 1; 2 uses both cores of a 2-core machine)")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke test: {QUICK['seeds']} seed, {QUICK['steps']} steps, {' '.join(QUICK['extra'])}")
     args = p.parse_args(argv)
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variant(s) {', '.join(unknown)}; expected some of {', '.join(VARIANTS)}")
-    if args.seeds < 1 or args.steps < 0 or args.threads < 1:
-        p.error(f"--seeds and --threads must be >= 1 and --steps >= 0; got {args.seeds}, {args.threads} and "
-                f"{args.steps}")
+    if min(args.seeds, args.threads, args.jobs) < 1 or args.steps < 0:
+        p.error(f"--seeds, --threads and --jobs must be >= 1 and --steps >= 0; got {args.seeds}, {args.threads}, "
+                f"{args.jobs} and {args.steps}")
     if args.quick:
         args.seeds, args.steps = QUICK["seeds"], QUICK["steps"]
     args.out = pathlib.Path(args.out or ("runs/ablation-quick" if args.quick else "runs/ablation"))
@@ -144,10 +148,13 @@ def run_one(name: str, seed: int, shared: list[str], out: pathlib.Path) -> dict:
         return result
     last = run_dir / "last.pt"
     resumed_from = torch.load(last, map_location="cpu", weights_only=True)["step"] if last.is_file() else 0
-    print(f"--- {name} seed {seed}: python train.py {' '.join(argv)}", flush=True)
-    wall, cpu = time.perf_counter(), time.process_time()
-    outcome = train.main(argv)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir / "train.log"
+    print(f"{name} seed {seed}: python train.py {' '.join(argv)}  (output in {log})", flush=True)
+    with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        wall, cpu = time.perf_counter(), time.process_time()
+        outcome = train.main(argv)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     if outcome["stopped_by"] or outcome["val"] is None:
         raise SystemExit(f"error: {name} seed {seed} did not finish (stopped by {outcome['stopped_by']}); "
                          f"run the same command again to continue it")
@@ -159,7 +166,21 @@ def run_one(name: str, seed: int, shared: list[str], out: pathlib.Path) -> dict:
     tmp = result_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, result_path)  # a result.json is complete or absent
+    print(f"{name} seed {seed}: val oIoU {100 * result['oIoU']:.2f} after {result['step']} steps, "
+          f"{result['seconds']:.0f} s ({result['cpu_seconds']:.0f} s CPU)", flush=True)
     return result
+
+
+def run_many(tasks: list[tuple[str, int]], shared: list[str], args: argparse.Namespace) -> dict:
+    """{(variant, seed): result} of every task, `args.jobs` at a time (worker processes when > 1)."""
+    names, seeds = [t[0] for t in tasks], [t[1] for t in tasks]
+    rest = [[shared] * len(tasks), [args.out] * len(tasks)]
+    if args.jobs == 1:
+        return dict(zip(tasks, map(run_one, names, seeds, *rest)))
+    # "spawn": a fresh interpreter per worker (no forked torch thread pools); each runs --threads threads.
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=torch.set_num_threads, initargs=(args.threads,)) as pool:
+        return dict(zip(tasks, pool.map(run_one, names, seeds, *rest)))
 
 
 def summarise(name: str, runs: list[dict]) -> dict:
@@ -207,13 +228,14 @@ def plot(rows: list[dict], title: str, path: pathlib.Path) -> bool:
         ax.plot(r["oIoU_per_seed"], [i + 0.17] * len(r["oIoU_per_seed"]), "o", ms=3, color="#111111",
                 zorder=3, label="one seed" if i == 0 else None)
         std = "" if r["oIoU_std"] is None else f" ± {r['oIoU_std']:.1f}"
-        ax.text(r["oIoU"] + (r["oIoU_std"] or 0) + 0.8, i + 0.17, f"{r['oIoU']:.1f}{std}", va="center", fontsize=8)
+        right = max([r["oIoU"] + (r["oIoU_std"] or 0), *r["oIoU_per_seed"]])  # clear of whisker and dots
+        ax.text(right + 1.2, i + 0.17, f"{r['oIoU']:.1f}{std}", va="center", fontsize=8)
     maris_row = next((r for r in rows if r["variant"] == "maris"), None)
     if maris_row is not None:
-        ax.axvline(maris_row["oIoU"], color="#1f5fa8", ls="--", lw=0.8)
+        ax.axvline(maris_row["oIoU"], color="#1f5fa8", ls="--", lw=0.8, label="MARIS val oIoU")
     ax.set_yticks(list(y), [f"{r['variant']}\n{' '.join(r['switches']) or 'defaults'}" for r in rows], fontsize=8)
     ax.set_xlabel("IoU on the shapes val split (%)")
-    ax.set_xlim(0, max(100, max(r["oIoU"] + (r["oIoU_std"] or 0) for r in rows) + 10) if rows else 100)
+    ax.set_xlim(0, 100)
     ax.set_title(title, fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(axis="x", alpha=0.3)
@@ -238,10 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
 def run_all(args: argparse.Namespace, argv: list[str] | None) -> dict:
     """`main` after the options and the thread count are set."""
     shared, budget = budget_args(args)
-    rows = []
-    for name in args.variants:
-        runs = [run_one(name, seed, shared, args.out) for seed in range(args.seeds)]
-        rows.append(summarise(name, runs))
+    results = run_many([(name, seed) for name in args.variants for seed in range(args.seeds)], shared, args)
+    rows = [summarise(name, [results[name, seed] for seed in range(args.seeds)]) for name in args.variants]
     steps = rows[0]["steps"] if rows else budget["steps"]
     title = (f"MARIS ablations on the shapes task: {args.seeds} seed(s), {steps} steps per run"
              + (" (--quick)" if args.quick else ""))

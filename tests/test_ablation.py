@@ -18,23 +18,27 @@ HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 @pytest.mark.filterwarnings("ignore:MARIS. RANDOM weights")
 def test_quick_run_prints_the_table_and_writes_json_and_chart(tmp_path, capsys, monkeypatch):
-    """`--quick` trains MARIS through train.main and reports its val metrics, trainable parameters and seconds
-    in the printed table and ablation.json (and ablation.png with matplotlib); a second call reads the
-    finished run's result.json instead of training again."""
+    """`--quick --jobs 2` trains two variants in two worker processes through train.main and reports their val
+    metrics, trainable parameters and seconds in the printed table and ablation.json (and ablation.png with
+    matplotlib); a second call reads the finished runs' result.json instead of training again."""
     out = tmp_path / "ablation"
-    report = ablation.main(["--quick", "--variants", "maris", "--out", str(out)])
+    args = ["--quick", "--variants", "maris", "no_fusion", "--out", str(out)]
+    report = ablation.main([*args, "--jobs", "2"])
     printed = capsys.readouterr().out
-    (row,) = report["variants"]
-    (run,) = [json.loads((out / "runs" / "maris" / "seed0" / "result.json").read_text())]
-    assert row["variant"] == "maris" and row["seeds"] == 1 and row["steps"] == run["step"] == 2
-    assert row["oIoU"] == pytest.approx(100 * run["oIoU"]) and row["oIoU_std"] is None
-    assert run["count"] == 8 and run["seconds"] > 0 and run["cpu_seconds"] > 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = maris.build_maris(maris.make_config("tiny"))
-    assert row["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert f"{row['trainable']:,d}" in printed and report["table"] in printed
-    assert json.loads((out / "ablation.json").read_text())["variants"][0]["oIoU"] == row["oIoU"]
+    assert [r["variant"] for r in report["variants"]] == ["maris", "no_fusion"]
+    for row in report["variants"]:
+        run = json.loads((out / "runs" / row["variant"] / "seed0" / "result.json").read_text())
+        assert row["seeds"] == 1 and row["steps"] == run["step"] == 2 and row["oIoU_std"] is None
+        assert row["oIoU"] == pytest.approx(100 * run["oIoU"]) and row["mIoU"] == pytest.approx(100 * run["mIoU"])
+        assert run["count"] == 8 and run["seconds"] > 0 and run["cpu_seconds"] > 0
+        assert "val oIoU" in (out / "runs" / row["variant"] / "seed0" / "train.log").read_text()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = maris.build_maris(maris.make_config("tiny", **dict(s.split("=") for s in row["switches"])))
+        assert row["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert f"{row['trainable']:,d}" in printed
+    assert report["table"] in printed
+    assert json.loads((out / "ablation.json").read_text())["variants"] == json.loads(json.dumps(report["variants"]))
     assert (out / "ablation.png").is_file() == HAS_MATPLOTLIB
     assert ("pip install matplotlib" in printed) != HAS_MATPLOTLIB
 
@@ -42,8 +46,9 @@ def test_quick_run_prints_the_table_and_writes_json_and_chart(tmp_path, capsys, 
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(train, "main", no_training)
-    again = ablation.main(["--quick", "--variants", "maris", "--out", str(out)])
-    assert again["variants"][0]["oIoU"] == row["oIoU"] and "done earlier" in capsys.readouterr().out
+    again = ablation.main(args)
+    assert [r["oIoU"] for r in again["variants"]] == [r["oIoU"] for r in report["variants"]]
+    assert capsys.readouterr().out.count("done earlier") == 2
 
 
 def test_result_made_with_other_settings_is_refused(tmp_path):
