@@ -74,8 +74,7 @@ METRICS = ("oIoU", "mIoU", "Prec@0.5")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per variant (default 3)")
     p.add_argument("--steps", type=int, default=0,
                    help="optimizer steps per run (default 0: the demo's whole schedule)")
