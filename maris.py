@@ -215,7 +215,8 @@ class MarisConfig:
     init_seed: int = 0
 
     def __post_init__(self) -> None:
-        """Check the ablation switches (one-line ValueError naming the field, the value and the choices)."""
+        """Check the switches that take one of a few values (a one-line ValueError names the field, the value
+        and the choices)."""
         for name, choices in (("fusion", FUSIONS), ("query_token", QUERY_TOKENS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
