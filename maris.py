@@ -17,6 +17,11 @@ Optional, all off by default (with them off the model and its training are exact
     A ReLA-style no-target head on the query token for expressions that refer to nothing (gRefCOCO),
     trained with `no_target_loss`.
 
+The paper's ablations are `MarisConfig` switches whose defaults are MARIS: `fusion` (Fig. 4: both
+directions with one shared affinity, one direction alone, separate affinities, no fusion blocks),
+`query_token` (Fig. 5: the multi-modal query token, its learned or its sentence part alone),
+`feature_enhancement` (Fig. 2) and K = `maa_depth`. A variant builds only the weights it uses.
+
 Shape letters, used in every comment of this file:
     B batch (sentences), B_img distinct images, S input side, H = W = S / 16 feature side,
     N = H * W visual tokens, D SAM ViT width, L text tokens, E CLIP text width,
@@ -194,6 +199,20 @@ class MarisConfig:
     # multi-modal query token's final state, trained with BCE against the `no_target` labels.
     no_target_weight: float = 0.0  # weight of the no-target BCE; > 0 builds `MARIS.no_target_head`
 
+    # The paper's ablations as switches; the defaults are MARIS, and each other value builds only the
+    # parameters it uses (DDP trains with find_unused_parameters off). K, the fourth, is `maa_depth` above.
+    # Cross-modal fusion (Fig. 4): "mutual" = Vision-Guided + Language-Guided Attention sharing one
+    # affinity A; "vga_only" = Vision-Guided Attention alone (words pass through unchanged); "lga_only" =
+    # Language-Guided Attention alone (visual features pass through); "separate" = both directions, each
+    # with its own affinity (its own query/key projections); "none" = no fusion blocks, the decoder reads
+    # F_v and F_l directly.
+    fusion: str = "mutual"
+    # The Mask Decoder's query token (Fig. 5): "multimodal" = learned embedding + Linear(F_s);
+    # "learned" = the learned embedding alone (SAM's plain mask token); "sentence" = Linear(F_s) alone.
+    query_token: str = "multimodal"
+    # Feature Enhancement (Fig. 2); False: F_v = SAM's neck output F_sam and the module is not built.
+    feature_enhancement: bool = True
+
     # RISAM's parameter-efficient fine-tuning of SAM's encoder, off by default.
     adapters: bool = False
     # NOTE(paper): bottleneck width = round(D * adapter_ratio) (RISAM's D -> D/4 -> D).
@@ -204,9 +223,24 @@ class MarisConfig:
     init_seed: int = 0
 
     def __post_init__(self) -> None:
+        """Check the switches that take one of a few values (a one-line ValueError names the field, the value
+        and the choices)."""
         if self.sam_attention not in SAM_ATTENTION_KINDS:
             raise ValueError(f"sam_attention must be one of {', '.join(SAM_ATTENTION_KINDS)}; "
                              f"got {self.sam_attention!r}")
+        for name, choices in (("fusion", FUSIONS), ("query_token", QUERY_TOKENS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
+        if not isinstance(self.feature_enhancement, bool):
+            raise ValueError(f"feature_enhancement must be true or false; got {self.feature_enhancement!r}")
+        if isinstance(self.maa_depth, bool) or not isinstance(self.maa_depth, int) or self.maa_depth < 0:
+            raise ValueError(f"maa_depth (K, the number of fusion blocks) must be an integer >= 0; "
+                             f"got {self.maa_depth!r}")
+
+
+# Values of the ablation switches `MarisConfig.fusion` and `MarisConfig.query_token`, MARIS's first.
+FUSIONS = ("mutual", "vga_only", "lga_only", "separate", "none")
+QUERY_TOKENS = ("multimodal", "learned", "sentence")
 
 
 PRESETS: dict[str, dict] = {
@@ -600,27 +634,44 @@ class MutualAwareAttention(nn.Module):
     Both branches read the same inputs (parallel, not one after the other). Padded words
     (M False) take no part in the Vision-Guided softmax and their Language-Guided outputs, and
     whole F_l' rows, are zero.
+
+    The paper's ablations of the block (defaults: MARIS), each building only the weights it uses:
+    `language_guided=False` keeps Vision-Guided Attention alone (F_l' = F_l); `vision_guided=False`
+    keeps Language-Guided Attention alone (F_v' = F_v); `shared_affinity=False` gives Language-Guided
+    Attention its own logits A_l = ((F_l + P_l) W_q,l) ((F_v + P_v) W_k,v)^T / sqrt(d) (B, h, L, N)
+    instead of A^T, so the two directions no longer share an affinity.
     """
 
-    def __init__(self, *, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, *, dim: int, num_heads: int, mlp_ratio: float = 4.0, vision_guided: bool = True,
+                 language_guided: bool = True, shared_affinity: bool = True) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"MutualAwareAttention: dim {dim} is not divisible by {num_heads} heads")
+        if not (vision_guided or language_guided):
+            raise ValueError("MutualAwareAttention needs at least one of vision_guided and language_guided")
         self.num_heads = num_heads
+        self.vision_guided, self.language_guided = vision_guided, language_guided
+        # Built in MARIS's order whatever the switches, so the default block's initial weights never move.
         self.q_proj = nn.Linear(dim, dim)  # W_q on visual tokens
         self.k_proj = nn.Linear(dim, dim)  # W_k on words
-        self.v_proj_words = nn.Linear(dim, dim)  # W_v,l: values for Vision-Guided Attention
-        self.v_proj_visual = nn.Linear(dim, dim)  # W_v,v: values for Language-Guided Attention
-        self.out_proj_visual = nn.Linear(dim, dim)  # W_o,v
-        self.out_proj_words = nn.Linear(dim, dim)  # W_o,l
+        self.v_proj_words = nn.Linear(dim, dim) if vision_guided else None  # W_v,l: values for VGA
+        self.v_proj_visual = nn.Linear(dim, dim) if language_guided else None  # W_v,v: values for LGA
+        self.out_proj_visual = nn.Linear(dim, dim) if vision_guided else None  # W_o,v
+        self.out_proj_words = nn.Linear(dim, dim) if language_guided else None  # W_o,l
         hidden = int(dim * mlp_ratio)
-        self.norm_visual1, self.norm_visual2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.norm_words1, self.norm_words2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.mlp_visual = FeedForward(dim, hidden)
-        self.mlp_words = FeedForward(dim, hidden)
+        self.norm_visual1, self.norm_visual2 = (nn.LayerNorm(dim), nn.LayerNorm(dim)) if vision_guided else (None, None)
+        self.norm_words1, self.norm_words2 = (nn.LayerNorm(dim), nn.LayerNorm(dim)) if language_guided else (None, None)
+        self.mlp_visual = FeedForward(dim, hidden) if vision_guided else None
+        self.mlp_words = FeedForward(dim, hidden) if language_guided else None
+        # Ablation "separate": Language-Guided Attention's own queries (words) and keys (visual tokens).
+        # A block with one direction has one affinity either way.
+        self.shared_affinity = shared_affinity or not (vision_guided and language_guided)
+        if not self.shared_affinity:
+            self.q_proj_words = nn.Linear(dim, dim)  # W_q,l on words
+            self.k_proj_visual = nn.Linear(dim, dim)  # W_k,v on visual tokens
 
     def attention_weights(self, visual: Tensor, words: Tensor, word_mask: Tensor,
-                          visual_pe: Tensor, word_pe: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                          visual_pe: Tensor, word_pe: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """The shared logits A and the two attention maps derived from it.
 
         Args:
@@ -629,7 +680,8 @@ class MutualAwareAttention(nn.Module):
 
         Returns:
             A (B, h, N, L); Vision-Guided weights softmax_L(A masked) (B, h, N, L);
-            Language-Guided weights softmax_N(A^T) (B, h, L, N).
+            Language-Guided weights softmax_N(A^T) (B, h, L, N). A branch the block does not have gives
+            None; without a shared affinity the Language-Guided weights are softmax_N(A_l).
         """
         q = _split_heads(self.q_proj(visual + visual_pe), self.num_heads)  # (B, h, N, d)
         k = _split_heads(self.k_proj(words + word_pe), self.num_heads)  # (B, h, L, d)
@@ -640,28 +692,38 @@ class MutualAwareAttention(nn.Module):
         # NOTE(paper): only padded words are masked; the padded image area (bottom/right) stays
         # in LGA's softmax over N, as SAM's decoder keeps it in its image attention.
         padded = ~word_mask[:, None, None, :]  # (B, 1, 1, L)
-        vga = logits.masked_fill(padded, float("-inf")).softmax(dim=-1)  # over L
-        lga = logits.transpose(-2, -1).softmax(dim=-1)  # (B, h, L, N), over N
+        vga = logits.masked_fill(padded, float("-inf")).softmax(dim=-1) if self.vision_guided else None  # over L
+        if not self.language_guided:
+            return logits, vga, None
+        if self.shared_affinity:
+            lga = logits.transpose(-2, -1).softmax(dim=-1)  # (B, h, L, N), over N
+        else:  # ablation "separate": LGA's own affinity A_l
+            q_words = _split_heads(self.q_proj_words(words + word_pe), self.num_heads)  # (B, h, L, d)
+            k_visual = _split_heads(self.k_proj_visual(visual + visual_pe), self.num_heads)  # (B, h, N, d)
+            lga = (q_words @ k_visual.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(dim=-1)  # (B, h, L, N)
         return logits, vga, lga
 
     def forward(self, visual: Tensor, words: Tensor, word_mask: Tensor, visual_pe: Tensor,
                 word_pe: Tensor) -> tuple[Tensor, Tensor]:
         """Args as `attention_weights`. Returns F_v' (B, N, C), F_l' (B, L, C)."""
         _, vga, lga = self.attention_weights(visual, words, word_mask, visual_pe, word_pe)
-        v_words = _split_heads(self.v_proj_words(words), self.num_heads)  # (B, h, L, d)
-        v_visual = _split_heads(self.v_proj_visual(visual), self.num_heads)  # (B, h, N, d)
-        to_visual = self.out_proj_visual(_merge_heads(vga @ v_words))  # (B, N, C)
-        to_words = self.out_proj_words(_merge_heads(lga @ v_visual))  # (B, L, C)
-        real = word_mask[..., None].to(words.dtype)  # (B, L, 1)
-        to_words = to_words * real  # padded words' Language-Guided outputs are zero
-        # Vision-Guided branch: language-aware visual features.
-        visual = self.norm_visual1(visual + to_visual)
-        visual = self.norm_visual2(visual + self.mlp_visual(visual))
-        # Language-Guided branch: vision-aware linguistic features; padded rows stay zero so
-        # nothing downstream can read what the padding held.
-        words = self.norm_words1(words + to_words)
-        words = self.norm_words2(words + self.mlp_words(words)) * real
-        return visual, words
+        new_visual, new_words = visual, words  # a branch the block does not have passes its input through
+        if self.vision_guided:
+            v_words = _split_heads(self.v_proj_words(words), self.num_heads)  # (B, h, L, d)
+            to_visual = self.out_proj_visual(_merge_heads(vga @ v_words))  # (B, N, C)
+            # Vision-Guided branch: language-aware visual features.
+            new_visual = self.norm_visual1(visual + to_visual)
+            new_visual = self.norm_visual2(new_visual + self.mlp_visual(new_visual))
+        if self.language_guided:
+            v_visual = _split_heads(self.v_proj_visual(visual), self.num_heads)  # (B, h, N, d)
+            to_words = self.out_proj_words(_merge_heads(lga @ v_visual))  # (B, L, C)
+            real = word_mask[..., None].to(words.dtype)  # (B, L, 1)
+            to_words = to_words * real  # padded words' Language-Guided outputs are zero
+            # Language-Guided branch: vision-aware linguistic features; padded rows stay zero so
+            # nothing downstream can read what the padding held.
+            new_words = self.norm_words1(words + to_words)
+            new_words = self.norm_words2(new_words + self.mlp_words(new_words)) * real
+        return new_visual, new_words
 
 
 # --- Mutual-Aware Mask Decoder (Fig. 5) --------------------------------------------------------
@@ -771,15 +833,22 @@ class MutualAwareMaskDecoder(nn.Module):
     ("explicit linguistic guidance"). After the two-way transformer, the query token's state
     -> hypernetwork MLP (C -> C -> C/8) dotted with the upscaled image (C/8, 4H, 4W) = logits.
     The query token's final state is returned too (MARIS's optional no-target head reads it).
+
+    The paper's ablation of the query token (`query_token`, default "multimodal"): "learned" = the
+    learned embedding alone (SAM's plain mask token; the sentence reaches the decoder only through
+    F_l'), "sentence" = Linear(E_proj -> C)(F_s) alone; the part left out is not built.
     """
 
     def __init__(self, *, dim: int, sentence_dim: int, depth: int, num_heads: int, mlp_dim: int,
-                 downsample_rate: int = 2) -> None:
+                 downsample_rate: int = 2, query_token: str = "multimodal") -> None:
         super().__init__()
+        if query_token not in QUERY_TOKENS:
+            raise ValueError(f"query_token must be one of {', '.join(QUERY_TOKENS)}; got {query_token!r}")
         self.transformer = TwoWayTransformer(depth=depth, dim=dim, num_heads=num_heads,
                                              mlp_dim=mlp_dim, downsample_rate=downsample_rate)
-        self.query_token = nn.Embedding(1, dim)  # learned part of the multi-modal query token
-        self.sentence_proj = nn.Linear(sentence_dim, dim)  # F_s -> C
+        # learned part of the multi-modal query token
+        self.query_token = nn.Embedding(1, dim) if query_token != "sentence" else None
+        self.sentence_proj = nn.Linear(sentence_dim, dim) if query_token != "learned" else None  # F_s -> C
         # Same layout (indexes 0, 1, 3 hold weights) as SAM's `output_upscaling`.
         self.output_upscaling = nn.Sequential(
             nn.ConvTranspose2d(dim, dim // 4, kernel_size=2, stride=2),
@@ -798,7 +867,12 @@ class MutualAwareMaskDecoder(nn.Module):
         the grid size (H, W) -> mask logits (B, 1, 4H, 4W) and the query token's final state (B, C)."""
         B, N, C = visual.shape
         H, W = size
-        query = self.query_token.weight + self.sentence_proj(sentence)  # (B, C)
+        if self.query_token is None:  # ablation "sentence": the projected sentence feature alone
+            query = self.sentence_proj(sentence)  # (B, C)
+        elif self.sentence_proj is None:  # ablation "learned": SAM's plain mask token, no sentence
+            query = self.query_token.weight.expand(B, C)  # (1, C) -> (B, C)
+        else:  # MARIS: the multi-modal query token
+            query = self.query_token.weight + self.sentence_proj(sentence)  # (B, C)
         tokens = torch.cat([query[:, None], words], dim=1)  # (B, 1 + L, C)
         token_mask = torch.cat([word_mask.new_ones(B, 1), word_mask], dim=1)  # (B, 1 + L)
         # NOTE(paper): as in SAM, the initial tokens serve as their own positional encoding.
@@ -834,7 +908,10 @@ class MARIS(nn.Module):
     Attention blocks and the Mutual-Aware Mask Decoder.
 
     Build with `build_maris` (which also loads weights); the sub-modules take explicit
-    arguments and can be copied out alone.
+    arguments and can be copied out alone. The config's ablation switches decide which modules exist:
+    `fusion` the kind of the K = `maa_depth` blocks (none, and no word position encoding P_l, for
+    "none"), `query_token` the decoder's query token, `feature_enhancement` whether the Feature
+    Enhancement module exists (`feature_enhancement` is None without it).
     """
 
     def __init__(self, cfg: MarisConfig) -> None:
@@ -861,17 +938,27 @@ class MARIS(nn.Module):
         # SAM's dense positional encoding P_v (random Fourier features, C/2 frequencies);
         # its matrix loads from `prompt_encoder.pe_layer.*` of a SAM checkpoint.
         self.pe_layer = PositionEmbeddingRandom(C // 2)
-        self.feature_enhancement = FeatureEnhancement(
-            in_dim=cfg.sam_embed_dim, dim=C, num_taps=len(cfg.fe_taps), zero_init=cfg.fe_zero_init)
+        # Ablation `feature_enhancement=False`: F_v = F_sam, no module (see `forward_features`).
+        self.feature_enhancement = (
+            FeatureEnhancement(in_dim=cfg.sam_embed_dim, dim=C, num_taps=len(cfg.fe_taps), zero_init=cfg.fe_zero_init)
+            if cfg.feature_enhancement else None)
         self.word_proj = nn.Linear(cfg.text_width, C)  # F_w (E) -> F_l (C)
-        self.word_pos = nn.Parameter(torch.randn(cfg.text_context_length, C) * cfg.word_pos_std)  # P_l
+        # Ablation `fusion`: which branches of Fig. 4 a block has, and whether they share A; "none" builds
+        # no block, and then no word position encoding P_l either (only the blocks read it).
+        branches = dict(mutual=(True, True, True), vga_only=(True, False, True), lga_only=(False, True, True),
+                        separate=(True, True, False))  # (Vision-Guided, Language-Guided, shared affinity)
+        depth = 0 if cfg.fusion == "none" else cfg.maa_depth  # K
+        self.word_pos = (nn.Parameter(torch.randn(cfg.text_context_length, C) * cfg.word_pos_std)
+                         if depth else None)  # P_l
         self.maa_blocks = nn.ModuleList(
-            MutualAwareAttention(dim=C, num_heads=cfg.maa_heads, mlp_ratio=cfg.maa_mlp_ratio)
-            for _ in range(cfg.maa_depth))
+            MutualAwareAttention(dim=C, num_heads=cfg.maa_heads, mlp_ratio=cfg.maa_mlp_ratio,
+                                 vision_guided=branches[cfg.fusion][0], language_guided=branches[cfg.fusion][1],
+                                 shared_affinity=branches[cfg.fusion][2])
+            for _ in range(depth))
         self.mask_decoder = MutualAwareMaskDecoder(
             dim=C, sentence_dim=cfg.text_embed_dim, depth=cfg.decoder_depth,
             num_heads=cfg.decoder_heads, mlp_dim=cfg.decoder_mlp_dim,
-            downsample_rate=cfg.decoder_attention_downsample_rate)
+            downsample_rate=cfg.decoder_attention_downsample_rate, query_token=cfg.query_token)
         # Frozen encoders: no gradients, always in eval mode (see `train`).
         for module in (self.image_encoder, self.text_encoder):
             module.requires_grad_(False)
@@ -957,7 +1044,7 @@ class MARIS(nn.Module):
         if image_features is None:
             image_features = self.encode_image(images)
         # Cached features may be fp16 and on another device: bring them to the model's.
-        device, dtype = self.word_pos.device, self.word_pos.dtype
+        device, dtype = self.word_proj.weight.device, self.word_proj.weight.dtype
         neck = image_features["neck"].to(device, dtype)  # (B_img, C, H, W)
         taps = [t.to(device, dtype) for t in image_features["taps"]]  # (B_img, H, W, D) each
         B = ids.shape[0]
@@ -971,7 +1058,11 @@ class MARIS(nn.Module):
             raise ValueError(f"image_index must be a (B={B},) long tensor with values in "
                              f"[0, {B_img}); got {tuple(image_index.shape)} {image_index.dtype}")
 
-        enhanced = self.feature_enhancement(taps, neck)[image_index]  # (B_img, N, C) -> (B, N, C)
+        if self.feature_enhancement is not None:
+            enhanced = self.feature_enhancement(taps, neck)  # (B_img, N, C) = F_v
+        else:  # ablation without Feature Enhancement: F_v = SAM's neck output F_sam
+            enhanced = neck.flatten(2).transpose(1, 2)  # (B_img, C, H, W) -> (B_img, N, C)
+        enhanced = enhanced[image_index]  # (B_img, N, C) -> (B, N, C)
         word_features, sentence = self.encode_text(ids, word_mask, token_embeddings)  # F_w, F_s
         visual_pe = self.visual_pe((H, W))  # (N, C) = P_v
         visual, words = self.fuse(enhanced, word_features, word_mask, visual_pe)
@@ -989,15 +1080,16 @@ class MARIS(nn.Module):
         device = self.pe_layer.positional_encoding_gaussian_matrix.device
         with torch.autocast(device_type=device.type, enabled=False):
             pe = self.pe_layer(size)  # (C, H, W), fp32
-        return pe.to(self.word_pos.dtype).flatten(1).transpose(0, 1)  # (C, H, W) -> (N, C)
+        return pe.to(self.word_proj.weight.dtype).flatten(1).transpose(0, 1)  # (C, H, W) -> (N, C)
 
     def fuse(self, visual: Tensor, word_features: Tensor, word_mask: Tensor, visual_pe: Tensor
              ) -> tuple[Tensor, Tensor]:
         """Word projection and the K Mutual-Aware Attention blocks (Fig. 4): F_v (B, N, C), F_w (B, L, E),
-        word_mask (B, L), P_v (N, C) -> F_v' (B, N, C) language-aware visual, F_l' (B, L, C) vision-aware words."""
+        word_mask (B, L), P_v (N, C) -> F_v' (B, N, C) language-aware visual, F_l' (B, L, C) vision-aware words.
+        With `fusion="none"` (no blocks) F_v' = F_v and F_l' = F_l."""
         L = word_features.shape[1]
         words = self.word_proj(word_features)  # (B, L, C) = F_l
-        word_pe = self.word_pos[:L]  # (L, C) = P_l
+        word_pe = None if self.word_pos is None else self.word_pos[:L]  # (L, C) = P_l
         for block in self.maa_blocks:
             visual, words = block(visual, words, word_mask, visual_pe, word_pe)
         return visual, words
@@ -1425,7 +1517,7 @@ def _build_heads(cfg: MarisConfig, model: MARIS | None) -> MagNetHeads:
                                   dim=cfg.alignment_dim)
     heads = MagNetHeads(mask_grounding=mask_grounding, alignment=alignment)
     if model is not None:
-        heads.to(model.word_pos.device, model.word_pos.dtype)
+        heads.to(model.word_proj.weight.device, model.word_proj.weight.dtype)
     return heads
 
 
@@ -2155,6 +2247,7 @@ def trace_shapes(model: MARIS, images: Tensor, ids: Tensor, word_mask: Tensor) -
                ("text_encoder (F_w, F_s)", model.text_encoder),
                ("feature_enhancement (F_v)", model.feature_enhancement),
                ("word_proj (F_l)", model.word_proj)]
+    stages = [(name, module) for name, module in stages if module is not None]  # ablations leave some out
     stages += [(f"maa_blocks.{i} (F_v', F_l')", b) for i, b in enumerate(model.maa_blocks)]
     stages += [("mask_decoder.transformer (tokens, image)", model.mask_decoder.transformer),
                ("mask_decoder.output_upscaling", model.mask_decoder.output_upscaling),

@@ -591,7 +591,8 @@ def build_run(opts: TrainOptions, explicit: dict) -> tuple[Run, Progress]:
     if opts.compile:
         # In place (nn.Module.compile), so parameter names and state-dict keys stay the same.
         for module in (run.model.feature_enhancement, *run.model.maa_blocks, run.model.mask_decoder):
-            module.compile()
+            if module is not None:  # the ablation without Feature Enhancement has none
+                module.compile()
     run.runner = distributed(train_step, device, world)
     return run, progress
 

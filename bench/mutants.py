@@ -125,6 +125,22 @@ MUTANTS = [
            ("tests/test_evaluate.py",), "empty", "empty GT + empty prediction scores 0"),
     Mutant("evaluate.py", "    return batches[rank::world]", "    return batches[rank:]",
            ("tests/test_evaluate.py",), "eval_batches or torchrun", "evaluation ranks score overlapping batches"),
+    # --- the paper's ablations as switches (MarisConfig fusion / query_token / feature_enhancement) ---
+    Mutant("maris.py", "self.v_proj_words = nn.Linear(dim, dim) if vision_guided else None",
+           "self.v_proj_words = nn.Linear(dim, dim) if vision_guided else None; torch.rand(1)",
+           ("tests/test_maris.py",), "default_model", "the default model's initial weights move (an extra RNG draw)"),
+    Mutant("maris.py", "self.out_proj_words = nn.Linear(dim, dim) if language_guided else None  # W_o,l",
+           "self.out_proj_words = nn.Linear(dim, dim)  # W_o,l",
+           ("tests/test_maris.py",), "variant", "Vision-Guided Attention alone builds an unused weight (DDP stops)"),
+    Mutant("maris.py", "q_words = _split_heads(self.q_proj_words(words + word_pe), self.num_heads)",
+           "q_words = _split_heads(self.q_proj_words(words), self.num_heads)",
+           ("tests/test_maris.py",), "separate", "the separate Language-Guided affinity loses P_l"),
+    Mutant("maris.py", "new_visual, new_words = visual, words  # a branch",
+           "new_visual, new_words = visual, self.k_proj(words)  # a branch",
+           ("tests/test_maris.py",), "one_way", "a one-way block changes the features of the branch it lacks"),
+    Mutant("maris.py", "query = self.query_token.weight.expand(B, C)  # (1, C) -> (B, C)",
+           "query = self.query_token.weight.expand(B, C) + sentence[:, :1]  # (1, C) -> (B, C)",
+           ("tests/test_maris.py",), "query_token", "the learned query token reads the sentence"),
 ]
 
 

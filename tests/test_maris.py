@@ -1566,3 +1566,289 @@ def test_gpu_sam_sdpa_attention_matches_stock_in_a_fused_kernel():
                 assert (b.float() - a.float()).abs().max() <= 5e-2 * a.float().abs().max()
             else:
                 torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+# --- The paper's ablations as switches ------------------------------------------------------------
+
+# The tiny preset's sizes at S = 32, written out so that a later change of the preset does not move the
+# recorded fingerprint below.
+PINNED_TINY = dict(image_size=32, sam_embed_dim=128, sam_depth=4, sam_num_heads=4, sam_global_attn_indexes=(1, 3),
+                   sam_window_size=4, fe_taps=(1, 2, 3), embed_dim=96, text_width=64, text_layers=2, text_heads=4,
+                   text_embed_dim=64, maa_heads=4, decoder_heads=4, decoder_mlp_dim=384)
+# Recorded by running `default_model_fingerprint()` (this file) on main at commit bdd35b9, before the
+# fusion / query_token / feature_enhancement fields existed (torch 2.13.0, CPU, 1 and 2 threads).
+RECORDED_DEFAULT = dict(
+    keys=176, numel=936528,
+    layout_sha256="9b75b887e18d78d011701637953de0de0cfc9000108a9168413132d5db70ba88",
+    values_sha256="a3f8410ad0cad1ea0d0973ec89f49456f08541bccf348d2cff823a7d30954c7e",
+    loss=2.412001609802246, focal=0.09252600371837616, dice=0.5614813566207886, grad_norm=1.9365712134673148,
+    grad_probes=[0.524614167244513, -1.1593130913916712, 3.445705048397258])
+# Single changes from MARIS, as bench/ablation.py trains them.
+VARIANTS = {"vga_only": dict(fusion="vga_only"), "lga_only": dict(fusion="lga_only"),
+            "separate": dict(fusion="separate"), "no_fusion": dict(fusion="none"),
+            "learned_query": dict(query_token="learned"), "sentence_query": dict(query_token="sentence"),
+            "no_fe": dict(feature_enhancement=False), "k1": dict(maa_depth=1), "k3": dict(maa_depth=3)}
+
+
+def default_model_fingerprint(**overrides) -> dict:
+    """The default model's trainable state (key/shape layout and value hashes) and one TrainStep's losses
+    and gradients (norm and three seeded random projections, fp64), on fixed seeded inputs."""
+    import hashlib
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = maris.build_maris(maris.MarisConfig(**PINNED_TINY, **overrides)).train()
+    state = model.trainable_state_dict()
+    layout = "\n".join(f"{k} {tuple(v.shape)}" for k, v in sorted(state.items()))
+    values = hashlib.sha256()
+    for k in sorted(state):
+        values.update(state[k].detach().contiguous().numpy().tobytes())
+    g = torch.Generator().manual_seed(0)
+    B, S, L = 2, 32, 8
+    images = torch.randn(B, 3, S, S, generator=g)
+    ids = torch.randint(1, SOT - 1, (B, L), generator=g)
+    lengths = torch.tensor([8, 5])
+    word_mask = torch.arange(L)[None] < lengths[:, None]
+    ids[:, 0], ids[torch.arange(B), lengths - 1] = SOT, EOT
+    ids[~word_mask] = 0
+    masks = (torch.rand(B, S, S, generator=g) > 0.6).float()
+    valid = torch.ones(B, S, S, dtype=torch.bool)
+    valid[1, 24:], valid[1, :, 20:] = False, False
+    out = maris.TrainStep(model)(ids=ids, word_mask=word_mask, masks=masks * valid, valid=valid, images=images)
+    out["loss"].backward()
+    grads = torch.cat([p.grad.double().flatten() for _, p in sorted(model.named_parameters()) if p.requires_grad])
+    probes = torch.randn(3, grads.numel(), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return dict(keys=len(state), numel=sum(v.numel() for v in state.values()),
+                layout_sha256=hashlib.sha256(layout.encode()).hexdigest(), values_sha256=values.hexdigest(),
+                loss=out["loss"].item(), focal=out["focal"].item(), dice=out["dice"].item(),
+                grad_norm=grads.norm().item(), grad_probes=(probes @ grads).tolist())
+
+
+def test_default_model_is_unchanged_by_the_ablation_switches():
+    """The default config's trainable keys, shapes and initial values are bit-identical to main's before
+    the switches existed, and one step's losses and gradients equal the recorded ones (float rounding)."""
+    now = default_model_fingerprint()
+    for key in ("keys", "numel", "layout_sha256", "values_sha256"):
+        assert now[key] == RECORDED_DEFAULT[key], key
+    # The step is compared to 1e-5: the same code gives last-bit differences with another thread count.
+    for key in ("loss", "focal", "dice", "grad_norm"):
+        assert now[key] == pytest.approx(RECORDED_DEFAULT[key], rel=1e-5), key
+    assert now["grad_probes"] == pytest.approx(RECORDED_DEFAULT["grad_probes"], abs=1e-5 * now["grad_norm"])
+
+
+def test_switch_defaults_are_maris():
+    """The switches' defaults are MARIS's choices: mutual fusion, the multi-modal query token, Feature
+    Enhancement on, K = 2."""
+    cfg = maris.MarisConfig()
+    assert (cfg.fusion, cfg.query_token, cfg.feature_enhancement, cfg.maa_depth) == ("mutual", "multimodal", True, 2)
+
+
+def ablation_step(S: int = 32, **overrides) -> tuple[maris.MARIS, dict]:
+    """A private tiny model with `overrides` after one TrainStep backward on a seeded batch; its losses."""
+    model = fresh_tiny(S, **overrides).train()
+    ids, wm = make_text([6, 8, 3], 8, seed=31)
+    masks, valid = seg_batch(3, S, seed=32)
+    out = maris.TrainStep(model)(ids=ids, word_mask=wm, masks=masks, valid=valid, images=make_images(2, S, seed=33),
+                                 image_index=torch.tensor([0, 1, 1]))
+    out["loss"].backward()
+    return model, out
+
+
+@pytest.mark.parametrize("name", ["maris", *VARIANTS])
+def test_every_variant_gives_every_trainable_parameter_a_gradient(name):
+    """In one step every trainable parameter of every variant gets a gradient (DDP, which trains with
+    find_unused_parameters off, stops on a parameter without one) and the loss is finite."""
+    model, out = ablation_step(**VARIANTS.get(name, {}))
+    assert torch.isfinite(out["loss"])
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+def test_variants_build_only_the_modules_they_use():
+    """Each variant's trainable state is MARIS's minus exactly the weights of the part it leaves out (plus,
+    for "separate", Language-Guided Attention's own query and key projections)."""
+    base = set(fresh_tiny(32).trainable_state_dict())
+
+    def keys(**overrides):
+        return set(fresh_tiny(32, **overrides).trainable_state_dict())
+
+    lga_parts = ("v_proj_visual.", "out_proj_words.", "norm_words", "mlp_words.")
+    vga_parts = ("v_proj_words.", "out_proj_visual.", "norm_visual", "mlp_visual.")
+    in_blocks = lambda k, parts: k.startswith("maa_blocks.") and k.split(".", 2)[2].startswith(parts)  # noqa: E731
+    assert base - keys(fusion="vga_only") == {k for k in base if in_blocks(k, lga_parts)} != set()
+    assert base - keys(fusion="lga_only") == {k for k in base if in_blocks(k, vga_parts)} != set()
+    extra = keys(fusion="separate") - base
+    assert keys(fusion="separate") >= base and {k.split(".", 2)[2] for k in extra} == {
+        "q_proj_words.weight", "q_proj_words.bias", "k_proj_visual.weight", "k_proj_visual.bias"}
+    assert base - keys(fusion="none") == {k for k in base if k.startswith("maa_blocks.")} | {"word_pos"}
+    assert base - keys(query_token="learned") == {"mask_decoder.sentence_proj.weight",
+                                                  "mask_decoder.sentence_proj.bias"}
+    assert base - keys(query_token="sentence") == {"mask_decoder.query_token.weight"}
+    assert base - keys(feature_enhancement=False) == {k for k in base if k.startswith("feature_enhancement.")}
+    assert {k.split(".")[1] for k in keys(maa_depth=3) if k.startswith("maa_blocks.")} == {"0", "1", "2"}
+    assert all(keys(**v) <= base for n, v in VARIANTS.items() if n not in ("separate", "k3"))
+
+
+def block_inputs(seed: int = 0, C: int = 16):
+    """Random F_v (2, 6, C), F_l (2, 5, C), a word mask with padding, P_v (6, C), P_l (5, C)."""
+    g = torch.Generator().manual_seed(seed)
+    visual, words = torch.randn(2, 6, C, generator=g), torch.randn(2, 5, C, generator=g)
+    word_mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    return visual, words, word_mask, torch.randn(6, C, generator=g), torch.randn(5, C, generator=g)
+
+
+def mutual_and(seed: int = 0, **switches) -> tuple[nn.Module, nn.Module]:
+    """A Mutual-Aware Attention block with perturbed random weights and an ablated block holding the
+    same weights wherever the two share a name (the ablated block's own extra weights stay random)."""
+    torch.manual_seed(seed)
+    mutual = maris.MutualAwareAttention(dim=16, num_heads=4).eval()
+    with torch.no_grad():
+        for p in mutual.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    ablated = maris.MutualAwareAttention(dim=16, num_heads=4, **switches).eval()
+    missing, unexpected = ablated.load_state_dict(mutual.state_dict(), strict=False)
+    assert all(k.startswith(("q_proj_words", "k_proj_visual")) for k in missing)
+    return mutual, ablated
+
+
+@given(st.integers(0, 2**16))
+def test_one_way_blocks_are_one_branch_of_mutual_attention(seed):
+    """Vision-Guided Attention alone gives the mutual block's F_v' and passes F_l through unchanged;
+    Language-Guided Attention alone gives its F_l' and passes F_v through unchanged."""
+    inputs = block_inputs(seed)
+    visual, words = inputs[:2]
+    with torch.no_grad():
+        mutual, vga_only = mutual_and(seed, language_guided=False)
+        expected_visual, expected_words = mutual(*inputs)
+        new_visual, new_words = vga_only(*inputs)
+        assert torch.equal(new_words, words)
+        torch.testing.assert_close(new_visual, expected_visual)
+        _, lga_only = mutual_and(seed, vision_guided=False)
+        new_visual, new_words = lga_only(*inputs)
+        assert torch.equal(new_visual, visual)
+        torch.testing.assert_close(new_words, expected_words)
+
+
+@given(st.integers(0, 2**16))
+def test_separate_affinities_are_two_independent_cross_attentions(seed):
+    """With "separate" affinities, Language-Guided Attention weights are softmax_N of its own logits
+    ((F_l + P_l) W_q,l)((F_v + P_v) W_k,v)^T / sqrt(d), written out here with einsum, not A^T;
+    Vision-Guided Attention is the mutual block's; with W_q,l := W_k and W_k,v := W_q the block is mutual again."""
+    inputs = block_inputs(seed)
+    visual, words, word_mask, visual_pe, word_pe = inputs
+    with torch.no_grad():
+        mutual, separate = mutual_and(seed, shared_affinity=False)
+        A, vga, lga = separate.attention_weights(*inputs)
+        heads = lambda x: x.reshape(x.shape[0], x.shape[1], 4, 4).permute(0, 2, 1, 3)  # noqa: E731 (B, h, T, d)
+        q = heads(separate.q_proj_words(words + word_pe))  # (B, h, L, d)
+        k = heads(separate.k_proj_visual(visual + visual_pe))  # (B, h, N, d)
+        torch.testing.assert_close(lga, (torch.einsum("bhld,bhnd->bhln", q, k) / 2.0).softmax(-1))
+        assert not torch.allclose(lga, A.transpose(-2, -1).softmax(-1), atol=1e-3)
+        torch.testing.assert_close(vga, mutual.attention_weights(*inputs)[1])
+        torch.testing.assert_close(separate(*inputs)[0], mutual(*inputs)[0])
+        separate.q_proj_words.load_state_dict(mutual.k_proj.state_dict())
+        separate.k_proj_visual.load_state_dict(mutual.q_proj.state_dict())
+        for got, expected in zip(separate(*inputs), mutual(*inputs)):
+            torch.testing.assert_close(got, expected)
+
+
+def test_no_fusion_feeds_the_decoder_f_v_and_f_l():
+    """With fusion "none" the decoder reads F_v (the Feature Enhancement output) and F_l = word_proj(F_w)."""
+    model = fresh_tiny(32, fusion="none").eval()
+    ids, wm = make_text([6, 3], 8, seed=34)
+    with torch.no_grad():
+        out = model.forward_features(ids, wm, images=make_images(2, 32, seed=35))
+        assert torch.equal(out["visual"], out["enhanced"])
+        assert torch.equal(out["words"], model.word_proj(out["word_features"]))
+
+
+def test_without_feature_enhancement_f_v_is_sams_neck():
+    """With feature_enhancement False, F_v is SAM's neck output flattened, also with image rows shared."""
+    model = fresh_tiny(32, feature_enhancement=False).eval()
+    images = make_images(2, 32, seed=36)
+    ids, wm = make_text([6, 3, 5], 8, seed=37)
+    with torch.no_grad():
+        out = model.forward_features(ids, wm, images=images, image_index=torch.tensor([1, 0, 1]))
+        neck = model.encode_image(images)["neck"].flatten(2).transpose(1, 2)  # (B_img, N, C)
+    assert model.feature_enhancement is None
+    assert torch.equal(out["enhanced"], neck[torch.tensor([1, 0, 1])])
+
+
+def decoder_pair(query_token: str) -> tuple[nn.Module, nn.Module]:
+    """A multi-modal-query decoder with random weights and an ablated decoder sharing its weights."""
+    torch.manual_seed(0)
+    kw = dict(dim=16, sentence_dim=8, depth=1, num_heads=2, mlp_dim=32)
+    full = maris.MutualAwareMaskDecoder(**kw).eval()
+    ablated = maris.MutualAwareMaskDecoder(**kw, query_token=query_token).eval()
+    ablated.load_state_dict({k: v for k, v in full.state_dict().items() if k in ablated.state_dict()})
+    return full, ablated
+
+
+def decoder_inputs(seed: int = 0):
+    """Random F_v' (2, 9, 16) on a 3 x 3 grid, F_l' (2, 5, 16) with a padded row, F_s (2, 8), P_v (9, 16)."""
+    g = torch.Generator().manual_seed(seed)
+    words, wm = torch.randn(2, 5, 16, generator=g), torch.tensor([[True] * 5, [True, True, False, False, False]])
+    visual, sentence = torch.randn(2, 9, 16, generator=g), torch.randn(2, 8, generator=g)
+    return visual, words, wm, sentence, torch.randn(9, 16, generator=g)
+
+
+def test_learned_query_token_ignores_the_sentence_and_equals_a_zero_sentence_projection():
+    """The "learned" query token is the multi-modal token without its sentence term: the logits equal the
+    full decoder's with sentence_proj zeroed, and do not change with F_s."""
+    full, learned = decoder_pair("learned")
+    visual, words, wm, sentence, pe = decoder_inputs()
+    with torch.no_grad():
+        nn.init.zeros_(full.sentence_proj.weight)
+        nn.init.zeros_(full.sentence_proj.bias)
+        logits, query = learned(visual, words, wm, sentence, pe, (3, 3))
+        torch.testing.assert_close(logits, full(visual, words, wm, sentence, pe, (3, 3))[0])
+        assert torch.equal(logits, learned(visual, words, wm, torch.randn(2, 8), pe, (3, 3))[0])
+    assert logits.shape == (2, 1, 12, 12) and query.shape == (2, 16)
+
+
+def test_sentence_query_token_equals_a_zero_learned_embedding():
+    """The "sentence" query token is the multi-modal token without its learned embedding: the logits equal
+    the full decoder's with query_token zeroed, and change with F_s."""
+    full, sentence_only = decoder_pair("sentence")
+    visual, words, wm, sentence, pe = decoder_inputs()
+    with torch.no_grad():
+        nn.init.zeros_(full.query_token.weight)
+        logits = sentence_only(visual, words, wm, sentence, pe, (3, 3))[0]
+        torch.testing.assert_close(logits, full(visual, words, wm, sentence, pe, (3, 3))[0])
+        assert not torch.allclose(logits, sentence_only(visual, words, wm, -sentence, pe, (3, 3))[0])
+
+
+def test_bad_switch_values_give_one_line_errors():
+    """An unknown fusion or query token, a non-bool feature_enhancement or a negative K is refused at config
+    time with a one-line error naming the field and the value."""
+    for field, value in (("fusion", "both"), ("query_token", "text"), ("feature_enhancement", "off"),
+                         ("maa_depth", -1), ("maa_depth", 1.5)):
+        with pytest.raises(ValueError, match=f"^{field}.*{value!r}") as e:
+            maris.make_config("tiny", **{field: value})
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="query_token"):
+        maris.MutualAwareMaskDecoder(dim=16, sentence_dim=8, depth=1, num_heads=2, mlp_dim=32, query_token="x")
+    with pytest.raises(ValueError, match="at least one"):
+        maris.MutualAwareAttention(dim=16, num_heads=4, vision_guided=False, language_guided=False)
+
+
+def test_checkpoints_without_the_switch_fields_load_as_maris():
+    """A checkpoint whose config predates the switches (no fusion / query_token / feature_enhancement keys)
+    rebuilds MARIS with the defaults and loads its trainable weights strictly."""
+    trained = fresh_tiny(32, init_seed=3)
+    config = maris.config_to_dict(trained.cfg)
+    old = {k: v for k, v in config.items() if k not in ("fusion", "query_token", "feature_enhancement")}
+    assert len(old) == len(config) - 3
+    ckpt = {"config": old, "options": {}, "model": trained.trainable_state_dict()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = maris.model_from_checkpoint(ckpt)
+    assert maris.config_to_dict(model.cfg) == config
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ckpt["model"].items())
+
+
+def test_main_shape_trace_skips_modules_an_ablation_leaves_out():
+    """trace_shapes runs for a model without Feature Enhancement and fusion blocks."""
+    model = fresh_tiny(32, feature_enhancement=False, fusion="none").eval()
+    ids, wm = make_text([4], 8)
+    names = [name for name, _ in maris.trace_shapes(model, make_images(1, 32), ids, wm)]
+    assert not any(n.startswith(("feature_enhancement", "maa_blocks")) for n in names)
+    assert names[-1] == "predict (probabilities)"

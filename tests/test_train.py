@@ -442,6 +442,33 @@ def test_logged_grad_norm_covers_model_and_heads(tmp_path):
     assert log_records(out, "train")[0]["grad_norm"] == pytest.approx(float(torch.cat(grads).norm()), rel=1e-5)
 
 
+def test_ddp_trains_ablation_variants_that_leave_modules_out(three_word_root, tmp_path):
+    """torchrun with 2 gloo processes trains a model without Language-Guided Attention, learned query embedding
+    and Feature Enhancement for 2 steps: no weight is left without a gradient (DDP runs with
+    find_unused_parameters off and would stop at the second step)."""
+    out = tmp_path / "ddp"
+    switches = ["--model-set", "fusion=vga_only", "--model-set", "query_token=sentence",
+                "--model-set", "feature_enhancement=false"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "train.py", *refer_args(three_word_root, out, "--max-steps", "2", "--val-split", "",
+                                                   *switches)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["sampler"]["world_size"] == 2
+    cfg = ckpt["config"]
+    assert (cfg["fusion"], cfg["query_token"], cfg["feature_enhancement"]) == ("vga_only", "sentence", False)
+
+
+def test_bad_ablation_switch_is_a_one_line_error():
+    """--model-set with an unknown fusion value stops with one line naming the field, the value and the choices."""
+    with pytest.raises(SystemExit, match="error: bad model configuration: fusion must be one of mutual, vga_only, "
+                                         "lga_only, separate, none; got 'both'") as e:
+        train.model_config(train.resolve_options(train.TrainOptions(model_set=["fusion=both"])))
+    assert "\n" not in str(e.value)
+
+
 # --- MagNet's losses and RISAM's adapters ---
 
 def test_magnet_and_adapters_train_on_shapes(tmp_path):
