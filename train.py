@@ -80,8 +80,8 @@ class TrainOptions:
                                    "best oIoU (RefCOCO family, shapes), gIoU (grefcoco, shapes-gres: every sentence "
                                    "counts alike, no-target ones included, so it rewards masks and the no-target "
                                    "decision together, where cIoU gives a rightly rejected no-target sentence no "
-                                   "credit and favours large objects) or mIoU (phrasecut, its official first "
-                                   "metric)")
+                                   "credit and favours large objects) or mIoU (phrasecut: the mean per-task IoU of its "
+                                   "official evaluator)")
     val_limit: int = option(0, "score only the first N validation items (0 = the whole split)")
     train_limit: int = option(0, "train on the first N training items only (0 = the whole split; quick checks, "
                                  "benchmarks)")
