@@ -5,6 +5,8 @@
     python evaluate.py --ckpt best.pt --eval-size 480          # LAVT/MagNet-style square scoring
     python evaluate.py --ckpt best.pt --image photo.jpg --text "the dog on the left" --out overlay.png
     python evaluate.py --ckpt best.pt --feature-cache cache/  # SAM's encoder runs once per image, ever
+    python evaluate.py --ckpt runs/grefcoco/best.pt --nt-rule empty-mask   # gRefCOCO: gIoU, cIoU, N-acc, T-acc
+    python evaluate.py --ckpt runs/refcoco/best.pt --dataset phrasecut --split test   # zero-shot PhraseCut
 
 The metrics are defined once, here; `train.py` imports them.
 
@@ -21,6 +23,10 @@ The metrics are defined once, here; `train.py` imports them.
 - Every sentence of a split is scored; whole images are packed into batches, so an image is
   encoded once per split (data.collate_images), or read from the encoder feature cache.
 - A split with no pairs has no score: its metrics are null in the JSON and "-" in the table.
+- Generalized RIS (`Scoring`): gRefCOCO and shapes-gres are scored with ReLA's metrics (`GRESMetrics`)
+  and a no-target decision (`no_target_decision`: the empty-mask rule or the no-target head);
+  PhraseCut with its official evaluator's (`PhraseCutMetrics`), at the original image size only.
+  The table and the JSON hold every metric in percent and name the decision rule and the resolution.
 
 Shape letters: B pairs in a batch, S padded input side, (h2, w2) the resized image inside the
 padding, (Ho, Wo) the original image, R the square side of `--eval-size`, H = W = S/16 the feature side,
@@ -28,6 +34,7 @@ B_img distinct images in a batch, C neck width, D SAM ViT width.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -57,11 +64,13 @@ PREC_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 # partition but "train", derived from data.py's tables so that a new partition needs no edit here.
 EVAL_SPLITS = {
     ("shapes", None): tuple(s for s in data.SHAPES_SPLITS if s != "train"),
+    ("shapes-gres", None): tuple(s for s in data.SHAPES_SPLITS if s != "train"),
     **{key: tuple(s for s in splits if s != "train") for key, splits in data.SPLITS.items()},
 }
 # split_by used when neither the flag nor the checkpoint names one: data.py's default, the first
 # partition listed for the dataset (shapes has none).
-DEFAULT_SPLIT_BY = {"shapes": None, **{name: partitions[0] for name, partitions in data.DATASETS.items()}}
+DEFAULT_SPLIT_BY = {"shapes": None, "shapes-gres": None,
+                    **{name: partitions[0] for name, partitions in data.DATASETS.items()}}
 
 
 # --- Metrics: per-pair I and U, oIoU, mIoU, Prec@X ---
@@ -424,6 +433,101 @@ class PhraseCutMetrics(_RankSummed):
         return out
 
 
+# --- Scoring a split: the dataset's metric set and, for generalized RIS, the no-target decision ---
+
+GRES_DATASETS = ("grefcoco", "shapes-gres")  # expressions may refer to one, several or no object
+# The metrics of each metric set, in the order of the printed table (all in percent there and in the JSON).
+METRIC_COLUMNS = {
+    "ris": ("oIoU", "mIoU", *(f"Prec@{t:g}" for t in PREC_THRESHOLDS)),
+    "gres": ("gIoU", "cIoU", "N-acc", "T-acc", *(f"Pr@{t:g}" for t in GRES_PREC_THRESHOLDS)),
+    "phrasecut": ("mIoU", "cumIoU", *(f"Acc@{t:g}" for t in PHRASECUT_THRESHOLDS)),
+}
+COUNT_NOUNS = {"ris": "pairs", "gres": "sentences", "phrasecut": "tasks"}  # what "count" counts
+
+
+def metric_set(dataset: str) -> str:
+    """The metric set a dataset is scored with: "gres" (grefcoco, shapes-gres: ReLA's gRefCOCO metrics),
+    "phrasecut" (PhraseCut's official evaluator) or "ris" (oIoU, mIoU, Prec@X: RefCOCO family, shapes)."""
+    if dataset in GRES_DATASETS:
+        return "gres"
+    return "phrasecut" if dataset == "phrasecut" else "ris"
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How each item of a split is scored: the metric set and, for "gres", the no-target decision.
+
+    Args:
+        metrics: "ris" (`RISMetrics`), "gres" (`GRESMetrics`) or "phrasecut" (`PhraseCutMetrics`).
+        nt_rule, nt_min_pixels, nt_threshold: `no_target_decision`'s rule, min_pixels and threshold
+            ("gres" only).
+    Raises:
+        ValueError: unknown metric set or rule, nt_min_pixels < 1, nt_threshold outside (0, 1).
+    """
+
+    metrics: str = "ris"
+    nt_rule: str = "empty-mask"
+    nt_min_pixels: int = 1
+    nt_threshold: float = 0.5
+
+    def __post_init__(self):
+        if self.metrics not in METRIC_COLUMNS:
+            raise ValueError(f"unknown metric set {self.metrics!r}; expected one of {tuple(METRIC_COLUMNS)}")
+        no_target_rule_text(self.nt_rule)  # raises for an unknown rule
+        if self.nt_min_pixels < 1:
+            raise ValueError(f"nt_min_pixels must be >= 1, got {self.nt_min_pixels}")
+        if not 0 < self.nt_threshold < 1:
+            raise ValueError(f"nt_threshold must be in (0, 1), got {self.nt_threshold}")
+
+    @property
+    def uses_head(self) -> bool:
+        """Whether the decision reads the model's no-target logit (the "head" rule on a "gres" split)."""
+        return self.metrics == "gres" and self.nt_rule == "head"
+
+    def rule_text(self) -> str:
+        """The no-target decision in words (`no_target_rule_text`)."""
+        return no_target_rule_text(self.nt_rule, min_pixels=self.nt_min_pixels, threshold=self.nt_threshold)
+
+    def new_metrics(self) -> RISMetrics | GRESMetrics | PhraseCutMetrics:
+        """Empty running sums of this metric set."""
+        return {"ris": RISMetrics, "gres": GRESMetrics, "phrasecut": PhraseCutMetrics}[self.metrics]()
+
+    def update(self, metrics, pred: torch.Tensor, gt: torch.Tensor, *, gt_no_target: bool = False,
+               no_target_logit: torch.Tensor | None = None) -> tuple[float, bool | None]:
+        """Score one item: bool pred and gt (h, w) at the scoring size, the item's `no_target` flag and,
+        for the head rule, its no-target logit (1,).
+
+        Returns:
+            (its score: IoU, or for "gres" the gIoU term; the no-target decision, None outside "gres").
+        """
+        if self.metrics == "phrasecut":
+            return float(metrics.update(pred, gt)[0]), None
+        inter, union = intersection_union(pred, gt)  # (1,) each
+        if self.metrics == "ris":
+            return float(metrics.update(inter, union)[0]), None
+        decided = bool(no_target_decision(self.nt_rule, masks=[pred], no_target_logits=no_target_logit,
+                                          min_pixels=self.nt_min_pixels, threshold=self.nt_threshold)[0])
+        score = metrics.update(inter, union, torch.tensor([gt_no_target]), torch.tensor([decided]))
+        return float(score[0]), decided
+
+
+def scoring_for(dataset: str, model, *, nt_rule: str | None = None, nt_min_pixels: int = 1,
+                nt_threshold: float = 0.5) -> Scoring:
+    """The `Scoring` of `dataset` for `model`: its metric set; for gRefCOCO-style datasets the no-target
+    rule `nt_rule`, by default "head" when the model has a no-target head (`MARIS.no_target_head`, trained
+    with no_target_weight > 0) and "empty-mask" otherwise.
+
+    Raises:
+        ValueError: "head" asked for a model without the head; bad values (see `Scoring`).
+    """
+    has_head = getattr(model, "no_target_head", None) is not None
+    if nt_rule == "head" and not has_head:
+        raise ValueError("the head no-target rule needs a model with a no-target head (trained with "
+                         "no_target_weight > 0, train.py --no-target-weight); this one has none: use empty-mask")
+    rule = nt_rule or ("head" if has_head else "empty-mask")
+    return Scoring(metric_set(dataset), nt_rule=rule, nt_min_pixels=nt_min_pixels, nt_threshold=nt_threshold)
+
+
 # --- From mask logits to a scored binary mask ---
 
 def logits_to_masks(logits: torch.Tensor, input_size: torch.Tensor, orig_size: torch.Tensor, *, size: int,
@@ -473,6 +577,7 @@ PRED_FILL_ALPHA = 0.45  # share of PRED_COLOR in the fill
 MIN_OVERLAY_WIDTH = 384  # px; smaller pictures (the shapes demo's ~128 px) are enlarged
 MAX_CAPTION_SHARE = 0.5  # the caption's lines take at most this share of the picture's height (at least one line)
 EMPTY_MARK_TEXT = "no mask predicted"
+NO_TARGET_MARK_TEXT = "decided: no target"  # the mark of an expression the no-target decision rejected
 VIS_SELECT = ("first", "random", "worst")
 
 
@@ -620,12 +725,29 @@ def overlay_caption(caption: str, context_length: int | None = None) -> tuple[st
             f"the model read {fitted.kept} of {fitted.total} tokens (context length L = {context_length})")
 
 
+def overlay_legend(*, gt: bool, iou: float | None = None, score_label: str = "IoU", gt_no_target: bool = False,
+                   pred_no_target: bool | None = None) -> list[tuple[str | None, str]]:
+    """The legend items of an overlay, (swatch kind "pred" | "gt" | None, label), in order: the prediction,
+    the ground truth (or "ground truth: no target"), the decision ("decided: target" / "decided: no
+    target", when one was made), the score."""
+    legend = [("pred", "prediction")]
+    if gt_no_target:
+        legend.append((None, "ground truth: no target"))
+    elif gt:
+        legend.append(("gt", "ground truth"))
+    if pred_no_target is not None:
+        legend.append((None, NO_TARGET_MARK_TEXT if pred_no_target else "decided: target"))
+    return legend + ([(None, f"{score_label} {iou:.3f}")] if iou is not None else [])
+
+
 def draw_overlay(image: Image.Image, pred: np.ndarray, caption: str, *, gt: np.ndarray | None = None,
-                 iou: float | None = None, context_length: int | None = None) -> Image.Image:
+                 iou: float | None = None, context_length: int | None = None, score_label: str = "IoU",
+                 gt_no_target: bool = False, pred_no_target: bool | None = None) -> Image.Image:
     """The picture with the prediction and ground truth drawn on it, over a band with a legend and the caption.
 
     Prediction: translucent `PRED_COLOR` fill, `PRED_COLOR` line inside its boundary between dark edges;
-    an empty prediction gets the mark "no mask predicted" (white on `EMPTY_MARK_COLOR`) at the top left.
+    an empty prediction gets the mark "no mask predicted" (white on `EMPTY_MARK_COLOR`) at the top left,
+    a "no target" decision the mark "decided: no target".
     Ground truth: `GT_COLOR` line outside its boundary between dark edges. Line width grows with the
     picture. The band holds the legend (prediction, ground truth, IoU) and the caption, word-wrapped,
     in DejaVu Sans when the system has it (non-Latin text draws) else Pillow's default font. The caption
@@ -637,6 +759,10 @@ def draw_overlay(image: Image.Image, pred: np.ndarray, caption: str, *, gt: np.n
         gt: optional bool (Ho, Wo) ground truth.  iou: optional score shown in the legend.
         context_length: L the model read the caption with; an expression longer than that is
             captioned with what the model read and a note of how many tokens it read (`overlay_caption`).
+        score_label: the legend's name of `iou` ("score" for a gRefCOCO-style gIoU term).
+        gt_no_target: the expression refers to nothing; the legend says "ground truth: no target".
+        pred_no_target: the no-target decision (None: none made); the legend names it, and a "no target"
+            decision gets the mark "decided: no target" (instead of "no mask predicted").
     Returns:
         RGB PIL image: the picture (enlarged by a whole factor, nearest neighbour, when narrower than
         `MIN_OVERLAY_WIDTH`, so the caption stays readable and mask edges stay sharp) over the band.
@@ -657,14 +783,15 @@ def draw_overlay(image: Image.Image, pred: np.ndarray, caption: str, *, gt: np.n
     height, width = pred.shape
     px = max(12, width // 40)  # font size
     font = _font(px)
-    if not pred.any():
+    mark_text = NO_TARGET_MARK_TEXT if pred_no_target else (EMPTY_MARK_TEXT if not pred.any() else None)
+    if mark_text is not None:
         text_h, pad = font.getbbox("Ag")[3], px // 2
         draw = ImageDraw.Draw(picture)
-        mark = (0, 0, 2 * pad + font.getlength(EMPTY_MARK_TEXT), text_h + px // 4 + pad)
+        mark = (0, 0, 2 * pad + font.getlength(mark_text), text_h + px // 4 + pad)
         draw.rectangle(mark, fill=EMPTY_MARK_COLOR, outline=EDGE_COLOR, width=max(1, px // 10))  # edged, as the lines
-        draw.text((pad, pad // 2 + px // 8), EMPTY_MARK_TEXT, fill=TEXT_COLOR, font=font)
-    legend = [("pred", "prediction")] + ([("gt", "ground truth")] if gt is not None else [])
-    legend += [(None, f"IoU {iou:.3f}")] if iou is not None else []
+        draw.text((pad, pad // 2 + px // 8), mark_text, fill=TEXT_COLOR, font=font)
+    legend = overlay_legend(gt=gt is not None, iou=iou, score_label=score_label, gt_no_target=gt_no_target,
+                            pred_no_target=pred_no_target)
     band = _legend_band(legend, *overlay_caption(caption, context_length), font=font, px=px, width=width,
                  max_height=MAX_CAPTION_SHARE * height)
     result = Image.new("RGB", (width, height + band.height))
@@ -775,7 +902,7 @@ class OverlaySelection:
             self.wanted = set(np.random.default_rng(seed).choice(num_items, size=self.n, replace=False).tolist())
         else:
             self.wanted = None  # worst: known only once every pair is scored
-        self.kept: dict[int, tuple] = {}  # index -> (iou, pred bool (Ho, Wo), image id, sentence, L)
+        self.kept: dict[int, tuple] = {}  # index -> (iou, pred bool (Ho, Wo), image id, sentence, L, marks)
 
     def _best_kept(self) -> tuple[float, int]:
         return max((entry[0], index) for index, entry in self.kept.items())
@@ -787,9 +914,10 @@ class OverlaySelection:
         return len(self.kept) < self.n or (iou, index) < self._best_kept()
 
     def keep(self, index: int, iou: float, pred: np.ndarray, image_id: int, sentence: str,
-             context_length: int | None) -> None:
-        """Hold a wanted pair's prediction (bool (Ho, Wo)) until the pictures are drawn."""
-        self.kept[index] = (iou, pred, image_id, sentence, context_length)
+             context_length: int | None, marks: dict | None = None) -> None:
+        """Hold a wanted pair's prediction (bool (Ho, Wo)) until the pictures are drawn; `marks` are extra
+        `draw_overlay` arguments (the no-target legend of gRefCOCO-style items)."""
+        self.kept[index] = (iou, pred, image_id, sentence, context_length, marks or {})
         if self.wanted is None and len(self.kept) > self.n:
             del self.kept[self._best_kept()[1]]
 
@@ -819,9 +947,9 @@ def write_overlays(selection: OverlaySelection, dataset, vis_dir: str | os.PathL
     vis_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for number, index in selection.chosen():
-        iou, pred, image_id, sentence, context_length = selection.kept[index]
+        iou, pred, image_id, sentence, context_length, marks = selection.kept[index]
         picture = draw_overlay(dataset.load_image(image_id), pred, sentence, iou=iou, context_length=context_length,
-                               gt=np.asarray(dataset.original_mask(index), dtype=bool))
+                               gt=np.asarray(dataset.original_mask(index), dtype=bool), **marks)
         paths.append(vis_dir / overlay_file_name(selection.mode, number, selection.n, iou, image_id, sentence))
         picture.save(paths[-1])
     return paths
@@ -870,8 +998,10 @@ def evaluate_model(model: torch.nn.Module, dataset, *, batch_size: int = 8, devi
                    eval_size: int | None = None, threshold: float = 0.5, precision: str = "auto",
                    workers: int = 0, vis: int = 0, vis_dir: str | os.PathLike | None = None,
                    vis_select: str = "random", vis_seed: int = 0,
-                   progress: bool = True, desc: str = "eval", cache: data.FeatureCache | None = None) -> dict:
-    """Score every item (every sentence of every ref) of a dataset -> `RISMetrics.compute()`.
+                   progress: bool = True, desc: str = "eval", cache: data.FeatureCache | None = None,
+                   scoring: Scoring | None = None) -> dict:
+    """Score every item (every sentence of every ref) of a dataset -> the `compute()` of its metric set
+    (`RISMetrics` by default; `scoring` picks `GRESMetrics` or `PhraseCutMetrics`).
 
     Whole images are packed into batches (`eval_batches`), each distinct image of a batch encoded once
     (`data.collate_images`). The ground truth comes from `dataset.original_mask(index)`, never from the
@@ -889,7 +1019,20 @@ def evaluate_model(model: torch.nn.Module, dataset, *, batch_size: int = 8, devi
             "worst" (lowest IoU; chosen during the single pass over the split).
         cache: optional `data.open_feature_cache(model, dataset, ...)` giving the frozen encoder's
             outputs (the dataset may then be built with load_images=False).
+        scoring: the metric set and no-target decision (`Scoring`, `scoring_for`); None = oIoU, mIoU,
+            Prec@X. "gres" reads the items' `no_target`; its "head" rule runs `model.forward_features`
+            for the no-target logit.
+
+    Raises:
+        ValueError: "phrasecut" with an eval_size (PhraseCut is scored at the original image size); the
+            "head" rule with a model that has no no-target head.
     """
+    scoring = scoring or Scoring()
+    if scoring.metrics == "phrasecut" and eval_size is not None:
+        raise ValueError(f"PhraseCut is scored at the original image size (its official evaluator), not at "
+                         f"eval_size {eval_size}")
+    if scoring.uses_head and getattr(model, "no_target_head", None) is None:
+        raise ValueError("the head no-target rule needs a model with a no-target head (no_target_weight > 0)")
     device = torch.device(device)
     precision = maris.effective_precision(device, precision)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
@@ -898,7 +1041,7 @@ def evaluate_model(model: torch.nn.Module, dataset, *, batch_size: int = 8, devi
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                                          collate_fn=data.collate_images, generator=torch.Generator().manual_seed(0))
     size = model.cfg.image_size  # S
-    metrics = RISMetrics()
+    metrics = scoring.new_metrics()
     was_training = model.training
     model.eval()
     selection = OverlaySelection(vis_select, vis, len(dataset), seed=vis_seed) if vis > 0 else None
@@ -910,24 +1053,34 @@ def evaluate_model(model: torch.nn.Module, dataset, *, batch_size: int = 8, devi
             inputs, _ = data.batch_image_inputs(batch, device=device, model=model, cache=cache, dataset=dataset,
                                                 batch_size=batch_size, precision=precision)
             extra = {} if cache is None else {"image_features": inputs["image_features"]}
+            nt_logits = None  # (B,) the no-target head's logits, read by the "head" rule only
             with maris.autocast(device, precision):
-                logits = model(inputs["images"], batch["ids"].to(device), batch["word_mask"].to(device),
-                               image_index=inputs["image_index"], **extra)  # (B, 1, 4H, 4W)
+                if scoring.uses_head:
+                    out = model.forward_features(batch["ids"].to(device), batch["word_mask"].to(device),
+                                                 images=inputs["images"], image_index=inputs["image_index"], **extra)
+                    logits, nt_logits = out["logits"], out["no_target_logit"].float()
+                else:
+                    logits = model(inputs["images"], batch["ids"].to(device), batch["word_mask"].to(device),
+                                   image_index=inputs["image_index"], **extra)  # (B, 1, 4H, 4W)
             preds = logits_to_masks(logits, batch["input_size"], batch["orig_size"], size=size,
                                     eval_size=eval_size, threshold=threshold)
             for b, pred in enumerate(preds):
                 index = int(batch["index"][b])
                 gt_orig = torch.from_numpy(np.asarray(dataset.original_mask(index), dtype=bool))  # (Ho, Wo)
                 gt = gt_at_eval_size(gt_orig, eval_size).to(pred.device)
-                inter, union = intersection_union(pred, gt)
-                iou = float(metrics.update(inter, union)[0])
+                gt_nt = scoring.metrics == "gres" and bool(batch["no_target"][b])
+                iou, decided = scoring.update(metrics, pred, gt, gt_no_target=gt_nt,
+                                              no_target_logit=None if nt_logits is None else nt_logits[b:b + 1])
                 if selection is not None and selection.wants(index, iou):
                     # Overlays are always drawn at the original resolution.
                     full = pred if eval_size is None else logits_to_masks(
                         logits[b:b + 1], batch["input_size"][b:b + 1], batch["orig_size"][b:b + 1],
                         size=size, threshold=threshold)[0]
+                    # gRefCOCO-style: the score is the gIoU term; the legend names the GT and the decision.
+                    marks = {} if decided is None else dict(score_label="score", gt_no_target=gt_nt,
+                                                            pred_no_target=decided)
                     selection.keep(index, iou, full.cpu().numpy(), int(batch["image_id"][b]), batch["sentence"][b],
-                                   context_length=batch["ids"].shape[-1])
+                                   context_length=batch["ids"].shape[-1], marks=marks)
     finally:
         model.train(was_training)
     metrics.all_reduce()
@@ -940,18 +1093,35 @@ def evaluate_model(model: torch.nn.Module, dataset, *, batch_size: int = 8, devi
 
 # --- Reporting ---
 
-def protocol(*, eval_size: int | None, threshold: float, image_size: int) -> dict:
-    """The scoring protocol, stated next to every table and in the JSON."""
+def protocol(*, eval_size: int | None, threshold: float, image_size: int, scoring: Scoring | None = None,
+             context_length: int | None = None) -> dict:
+    """The scoring protocol, stated next to every table and in the JSON: what is scored, at which
+    resolution, the metric definitions of the metric set (`scoring`, default oIoU/mIoU/Prec@X), the
+    no-target decision rule (gRefCOCO-style), the context length L and the unit."""
+    scoring = scoring or Scoring()
     if eval_size is None:
-        scoring = "original image resolution (logits upsampled to S, padding cropped, bilinear resize to (Ho, Wo))"
+        resolution = "original image resolution (logits upsampled to S, padding cropped, bilinear resize to (Ho, Wo))"
     else:
-        scoring = (f"{eval_size}x{eval_size} square (logits upsampled to S, padding cropped, bilinear resize "
-                   f"to {eval_size}x{eval_size}; GT nearest-resized; LAVT/MagNet protocol)")
-    return {"pairs": "every sentence of every ref", "scoring": scoring, "eval_size": eval_size,
-            "threshold": f"sigmoid > {threshold}", "input_size_S": image_size,
-            "oIoU": "sum of I / sum of U over all pairs (a.k.a. cIoU)", "mIoU": "mean per-pair IoU",
-            "Prec@X": "share of pairs with IoU >= X",
-            "empty_gt": "empty GT + empty prediction = IoU 1, adds nothing to the sums"}
+        resolution = (f"{eval_size}x{eval_size} square (logits upsampled to S, padding cropped, bilinear resize "
+                      f"to {eval_size}x{eval_size}; GT nearest-resized; LAVT/MagNet protocol)")
+    out = {"pairs": "every task" if scoring.metrics == "phrasecut" else "every sentence of every ref",
+           "scoring": resolution, "eval_size": eval_size, "threshold": f"sigmoid > {threshold}",
+           "input_size_S": image_size, "context_length_L": context_length}
+    if scoring.metrics == "ris":
+        out.update({"oIoU": "sum of I / sum of U over all pairs (a.k.a. cIoU)", "mIoU": "mean per-pair IoU",
+                    "Prec@X": "share of pairs with IoU >= X",
+                    "empty_gt": "empty GT + empty prediction = IoU 1, adds nothing to the sums"})
+    elif scoring.metrics == "gres":
+        out.update(GRES_METRICS_PROTOCOL)
+        out["no_target_rule"] = scoring.rule_text()
+    else:
+        out["scoring"] = ("original image size recorded in image_data_split.json, as the official evaluator "
+                          "(logits upsampled to S, padding cropped, bilinear resize to that size)")
+        out.update(PHRASECUT_METRICS_PROTOCOL)
+        out["size_mismatch"] = ("an image file whose size differs from the recorded one is resized to the "
+                                "recorded size before the model sees it; every task is scored")
+    out["unit"] = "percent (counts are numbers of items)"
+    return out
 
 
 def without_nan(value):
@@ -968,9 +1138,10 @@ def without_nan(value):
     return value
 
 
-def format_table(results: dict[str, dict]) -> str:
-    """A text table: one row per split, metrics in percent ("-" where undefined), then the pair count."""
-    cols = ["oIoU", "mIoU", *[f"Prec@{t:g}" for t in PREC_THRESHOLDS]]
+def format_table(results: dict[str, dict], columns: tuple[str, ...] = METRIC_COLUMNS["ris"]) -> str:
+    """A text table: one row per split, the metrics `columns` (fractions in `results`) in percent ("-" where
+    undefined), then the count."""
+    cols = list(columns)
     width = max([5, *map(len, results)])
 
     def cell(value) -> str:
@@ -982,6 +1153,13 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def in_percent(results: dict[str, dict], columns: tuple[str, ...]) -> dict[str, dict]:
+    """`results` ({split: metrics as fractions}) with the metrics `columns` in percent, as the JSON report
+    holds them; counts and undefined values (None) unchanged."""
+    return {split: {k: 100 * v if k in columns and v is not None else v for k, v in m.items()}
+            for split, m in results.items()}
+
+
 # --- Command line ---
 
 @dataclass
@@ -989,21 +1167,34 @@ class EvalOptions:
     """Every command-line option of evaluate.py (flag = field name with '-' for '_')."""
 
     ckpt: str = maris.option(help="checkpoint written by train.py (best.pt / last.pt)")
-    dataset: str | None = maris.option(None, "shapes | refcoco | refcoco+ | refcocog", auto="the checkpoint's")
+    dataset: str | None = maris.option(None, "shapes | shapes-gres | refcoco | refcoco+ | refcocog | grefcoco | "
+                                             "phrasecut; another than the checkpoint's scores it across datasets "
+                                             "(e.g. a RefCOCO model on PhraseCut)", auto="the checkpoint's")
     split_by: str | None = maris.option(None, "unc | google | umd", auto="the checkpoint's")
     split: list | None = maris.option(None, "split(s) to score; repeatable or comma-separated",
                                       auto="every evaluation split of the dataset", multiple=True)
-    data_root: str | None = maris.option(None, "refer-layout data root", auto="the checkpoint's")
-    image_dir: str | None = maris.option(None, "COCO train2014 folder", auto="the checkpoint's")
+    data_root: str | None = maris.option(None, "data root (README: Data)", auto="the checkpoint's")
+    image_dir: str | None = maris.option(None, "image folder", auto="the checkpoint's on its own dataset, else the "
+                                                                    "dataset's layout")
     sam_checkpoint: str | None = maris.option(None, "SAM weights", auto="the path stored in the checkpoint")
     clip_checkpoint: str | None = maris.option(None, "CLIP weights", auto="the path stored in the checkpoint")
     batch_size: int = maris.option(8, "sentences per forward pass")
     workers: int = maris.option(0, "DataLoader worker processes")
     device: str = maris.option("auto", "auto | cpu | cuda | cuda:N")
     precision: str = maris.option("auto", "auto = bf16 autocast on CUDA, fp32 on CPU", choices=maris.PRECISIONS)
-    eval_size: int | None = maris.option(None, "score on an R x R square resize (480 = LAVT/MagNet)",
+    eval_size: int | None = maris.option(None, "score on an R x R square resize (480 = LAVT/MagNet); refused for "
+                                               "phrasecut, whose official evaluator scores at the image size",
                                          auto="the original resolution")
     threshold: float = maris.option(0.5, "foreground where sigmoid(logit) > threshold")
+    # The no-target decision of gRefCOCO-style datasets (grefcoco, shapes-gres), printed with the results.
+    nt_rule: str | None = maris.option(
+        None, "no-target decision (grefcoco, shapes-gres): empty-mask = no target when the predicted mask has "
+              "fewer than --nt-min-pixels pixels (LISA, EVF-SAM); head = the no-target head's sigmoid > "
+              "--nt-threshold (ReLA; checkpoints trained with --no-target-weight > 0)",
+        auto="head when the checkpoint has a no-target head, else empty-mask", choices=NO_TARGET_RULES)
+    nt_min_pixels: int = maris.option(1, "empty-mask rule: fewer foreground pixels than this (at the scoring size) "
+                                         "means no target")
+    nt_threshold: float = maris.option(0.5, "head rule: no target when sigmoid(no-target logit) > this")
     vis: int = maris.option(0, "write overlay PNGs of N pairs of each split into <out-dir>/vis/<split>/, named "
                                "<selection><number>_iou<IoU %%>_img<image id>_<sentence>.png")
     vis_select: str = maris.option("random", "which pairs --vis draws: random (a seeded sample over the whole split, "
@@ -1021,14 +1212,15 @@ class EvalOptions:
     mask_out: str | None = maris.option(None, "single-image mode: mask PNG path", auto="<out>_mask.png")
 
 
-DESCRIPTION = "Score a MARIS checkpoint (oIoU, mIoU, Prec@X) or segment one image."
+DESCRIPTION = ("Score a MARIS checkpoint (oIoU, mIoU, Prec@X; gRefCOCO: gIoU, cIoU, N-acc, T-acc, Pr@X; "
+               "PhraseCut: mIoU, cumIoU, Acc@X) or segment one image.")
 
 
 def parse_splits(values: list[str] | None, dataset: str, split_by: str | None) -> list[str]:
     """`--split a,b --split c` → [a, b, c]; none given → the dataset's evaluation splits."""
     if values:
         return [s.strip() for v in values for s in v.split(",") if s.strip()]
-    key = (dataset, None if dataset == "shapes" else split_by)
+    key = (dataset, None if dataset in ("shapes", "shapes-gres") else split_by)
     if key not in EVAL_SPLITS:
         raise SystemExit(f"error: no default splits for dataset {dataset!r} split_by {split_by!r}; pass --split")
     return list(EVAL_SPLITS[key])
@@ -1055,7 +1247,9 @@ def predict_image(model: maris.MARIS, image: Image.Image, text: str, *, device: 
 def main(argv: list[str] | None = None) -> dict:
     """Run evaluate.py; returns {split: metrics} (or {"mask": path, "overlay": path} in single-image mode).
 
-    Metrics of a split with no pairs are None (null in the JSON, "-" in the table).
+    The returned metrics are fractions in [0, 1], as `RISMetrics.compute()` (and the other metric sets) give
+    them; the printed table and the JSON report hold them in percent. Metrics of a split with no pairs are
+    None (null in the JSON, "-" in the table).
     """
     opts, _ = maris.parse_options(EvalOptions, argv, DESCRIPTION)
     try:
@@ -1109,7 +1303,13 @@ def score_splits(opts: EvalOptions, ckpt: dict, model: maris.MARIS, *, rank: int
     else:
         split_by = opts.split_by or stored.get("split_by") or DEFAULT_SPLIT_BY.get(dataset_name)
     splits = parse_splits(opts.split, dataset_name, split_by)
-    proto = protocol(eval_size=opts.eval_size, threshold=opts.threshold, image_size=cfg.image_size)
+    scoring = split_scoring(opts, dataset_name, model)
+    # Across datasets the checkpoint's context length L is kept: it is what the model was trained to read.
+    proto = protocol(eval_size=opts.eval_size, threshold=opts.threshold, image_size=cfg.image_size,
+                     scoring=scoring, context_length=cfg.context_length)
+    # The stored image folder belongs to the training dataset's layout.
+    own_dataset = dataset_name == stored.get("dataset", "shapes")
+    image_dir = opts.image_dir or (stored.get("image_dir") if own_dataset else None)
     out_dir = pathlib.Path(opts.out_dir) if opts.out_dir else pathlib.Path(opts.ckpt).resolve().parent
     results: dict[str, dict] = {}
     start = time.time()
@@ -1121,8 +1321,7 @@ def score_splits(opts: EvalOptions, ckpt: dict, model: maris.MARIS, *, rank: int
             # With a feature cache the pixels are only read to fill missing cache entries.
             ds = data.build_dataset(dataset_name, split, root=opts.data_root or stored.get("data_root"),
                                     split_by=split_by, image_size=cfg.image_size, context_length=cfg.context_length,
-                                    image_dir=opts.image_dir or stored.get("image_dir"),
-                                    load_images=opts.feature_cache is None,
+                                    image_dir=image_dir, load_images=opts.feature_cache is None,
                                     load_masks=False)  # scored against original_mask(index)
         except (FileNotFoundError, ValueError, KeyError) as e:
             raise SystemExit(f"error: {e}") from None
@@ -1132,11 +1331,35 @@ def score_splits(opts: EvalOptions, ckpt: dict, model: maris.MARIS, *, rank: int
             threshold=opts.threshold, precision=opts.precision, workers=opts.workers,
             vis=opts.vis, vis_dir=out_dir / "vis" / split, vis_select=opts.vis_select, vis_seed=opts.vis_seed,
             progress=opts.progress and rank == 0, desc=split,
-            cache=cache)
+            cache=cache, scoring=scoring)
     results = without_nan(results)  # a split with no pairs has no score: None, not NaN
     if rank == 0:  # every rank holds the all-reduced results; one writes them
         write_report(opts, ckpt, results, proto, dataset_name, split_by, out_dir, time.time() - start)
     return results
+
+
+def split_scoring(opts: EvalOptions, dataset_name: str, model: maris.MARIS) -> Scoring:
+    """The `Scoring` of `dataset_name` under the --nt-* options (`scoring_for`).
+
+    Raises:
+        SystemExit: --nt-* options for a dataset without no-target expressions, --nt-rule head without a
+            head, bad --nt-* values, --eval-size for PhraseCut.
+    """
+    kind = metric_set(dataset_name)
+    defaults = {f.name: f.default for f in dataclasses.fields(EvalOptions) if f.name.startswith("nt_")}
+    changed = [name for name, default in defaults.items() if getattr(opts, name) != default]
+    if kind != "gres" and changed:
+        flags = ", ".join("--" + name.replace("_", "-") for name in changed)
+        raise SystemExit(f"error: {flags}: {dataset_name} has no no-target expressions; the no-target decision "
+                         f"applies to {' and '.join(GRES_DATASETS)}")
+    if kind == "phrasecut" and opts.eval_size is not None:
+        raise SystemExit("error: --eval-size: PhraseCut is scored at the original image size, as its official "
+                         "evaluator (utils/evaluator.py) does; drop --eval-size")
+    try:
+        return scoring_for(dataset_name, model, nt_rule=opts.nt_rule, nt_min_pixels=opts.nt_min_pixels,
+                           nt_threshold=opts.nt_threshold)
+    except ValueError as e:
+        raise SystemExit(f"error: --nt-*: {e}") from None
 
 
 def open_cache(model: maris.MARIS, dataset, opts: EvalOptions, device: torch.device,
@@ -1152,19 +1375,37 @@ def open_cache(model: maris.MARIS, dataset, opts: EvalOptions, device: torch.dev
 
 def write_report(opts: EvalOptions, ckpt: dict, results: dict, proto: dict, dataset_name: str,
                  split_by: str | None, out_dir: pathlib.Path, seconds: float) -> None:
-    """Print the table and the protocol; write them to <out_dir>/eval_<dataset>[_<split_by>][_sq<R>].json."""
-    title = f"{dataset_name}" + (f" ({split_by})" if split_by and dataset_name != "shapes" else "")
-    print(f"{title}  checkpoint {opts.ckpt}  step {ckpt.get('step', '?')}")
-    print(format_table(results))
+    """Print the table (the dataset's metric set, in percent) and the protocol; write them, in percent, to
+    <out_dir>/eval_<dataset>[_<split_by>][_from_<training dataset>[_<split_by>]][_sq<R>].json.
+
+    The "_from_" part (a checkpoint scored on another dataset or partition than it was trained on) keeps the
+    report apart from the one of its own dataset; title and JSON then name both datasets.
+    """
+    stored = ckpt.get("options", {})
+    trained, trained_by = stored.get("dataset", "shapes"), stored.get("split_by")
+    cross = (trained, trained_by) != (dataset_name, split_by)
+    columns = METRIC_COLUMNS[metric_set(dataset_name)]
+    title = _dataset_title(dataset_name, split_by)
+    origin = f" (trained on {_dataset_title(trained, trained_by)})" if cross else ""
+    print(f"{title}  checkpoint {opts.ckpt}{origin}  step {ckpt.get('step', '?')}")
+    print(format_table(results, columns))
     print("protocol: " + "; ".join(f"{k}: {v}" for k, v in proto.items() if v is not None))
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"eval_{dataset_name}" + (f"_{split_by}" if split_by and dataset_name != "shapes" else "")
+    name += f"_from_{trained}" + (f"_{trained_by}" if trained_by else "") if cross else ""
     name += "" if opts.eval_size is None else f"_sq{opts.eval_size}"
     report = {"checkpoint": str(opts.ckpt), "step": ckpt.get("step"), "dataset": dataset_name, "split_by": split_by,
-              "protocol": proto, "results": results, "seconds": round(seconds, 2)}
+              "trained_on": {"dataset": trained, "split_by": trained_by, "split": stored.get("train_split")},
+              "protocol": proto, "unit": "percent", "results": in_percent(results, columns),
+              "seconds": round(seconds, 2)}
     json_path = out_dir / f"{name}.json"
     json_path.write_text(json.dumps(report, indent=2, allow_nan=False))
     print(f"wrote {json_path}")
+
+
+def _dataset_title(dataset: str, split_by: str | None) -> str:
+    """"refcoco (unc)", "phrasecut", "shapes"."""
+    return dataset + (f" ({split_by})" if split_by else "")
 
 
 if __name__ == "__main__":

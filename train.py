@@ -7,11 +7,15 @@
     python train.py --mask-grounding-weight 0.1 --alignment-weight 0.1   # + MagNet's losses (CVPR 2024)
     python train.py --adapters                        # + RISAM's adapters: SAM's encoder fine-tuned cheaply
     python train.py --feature-cache cache/            # SAM's frozen encoder runs once per image, ever
+    python train.py --dataset shapes-gres             # generalized RIS demo: multi- and no-target expressions
+    python train.py --dataset grefcoco --data-root data ...   # gRefCOCO, with the no-target head
 
 Every option is a field of `TrainOptions`; `python train.py --help` lists them with their defaults.
 Options left at "auto" get a dataset-dependent value (`resolve_options`): the shapes demo trains the
 tiny preset from scratch with a larger learning rate for a few minutes on a CPU; the RefCOCO family
-uses the MARIS recipe (vit_b, lr 1e-4, 50 epochs); both use batch 8 per process.
+uses the MARIS recipe (vit_b, lr 1e-4, 50 epochs); both use batch 8 per process. shapes-gres takes the
+shapes values, gRefCOCO and PhraseCut the RefCOCO ones; on gRefCOCO and shapes-gres the no-target head
+trains too (--no-target-weight), and validation scores them with gIoU / cIoU / N-acc / T-acc.
 
 The script reads top to bottom: options; learning rate, optimizer, data order; checkpoints; the run
 (`build_run`: data, model + optimizer, resume); one step (`train_one_step`), one epoch, validation;
@@ -49,7 +53,7 @@ from tqdm import tqdm
 
 import data
 import maris
-from evaluate import evaluate_model, without_nan
+from evaluate import COUNT_NOUNS, evaluate_model, metric_set, scoring_for, without_nan
 
 option = maris.option
 MARIS_DEFAULTS = maris.MarisConfig  # the class attributes of its fields are their defaults
@@ -62,14 +66,22 @@ class TrainOptions:
     """Every command-line option of train.py (flag = field name with '-' for '_')."""
 
     # data
-    dataset: str = option("shapes", "shapes (built-in, no download) | refcoco | refcoco+ | refcocog")
+    dataset: str = option("shapes", "shapes (built-in, no download) | shapes-gres (built-in, with multi- and "
+                                    "no-target expressions) | refcoco | refcoco+ | refcocog | grefcoco | phrasecut")
     split_by: str | None = option(None, "partition of the RefCOCO family: unc | google | umd",
                                   auto="unc for refcoco/refcoco+, umd for refcocog")
-    data_root: str = option("data", "refer-layout data root: <root>/refcoco/refs(unc).p, <root>/images/mscoco/...")
-    image_dir: str | None = option(None, "COCO train2014 image folder",
-                                   auto="<data-root>/images/mscoco/images/train2014")
+    data_root: str = option("data", "data root (README: Data): <root>/refcoco/refs(unc).p, <root>/images/mscoco/...; "
+                                    "<root>/grefcoco/grefs(unc).json; <root>/VGPhraseCut_v0/refer_<split>.json")
+    image_dir: str | None = option(None, "image folder (COCO train2014; PhraseCut: Visual Genome)",
+                                   auto="<data-root>/images/mscoco/images/train2014; grefcoco: "
+                                        "<data-root>/images/train2014; phrasecut: VGPhraseCut_v0/images")
     train_split: str = option("train", "split to train on")
-    val_split: str = option("val", "split scored after each evaluation interval ('' = none)")
+    val_split: str = option("val", "split scored after each evaluation interval ('' = none); best.pt keeps the "
+                                   "best oIoU (RefCOCO family, shapes), gIoU (grefcoco, shapes-gres: every sentence "
+                                   "counts alike, no-target ones included, so it rewards masks and the no-target "
+                                   "decision together, where cIoU gives a rightly rejected no-target sentence no "
+                                   "credit and favours large objects) or mIoU (phrasecut: the mean per-task IoU of its "
+                                   "official evaluator)")
     val_limit: int = option(0, "score only the first N validation items (0 = the whole split)")
     train_limit: int = option(0, "train on the first N training items only (0 = the whole split; quick checks, "
                                  "benchmarks)")
@@ -104,6 +116,12 @@ class TrainOptions:
                             "parameter-efficient fine-tuning); only the adapters of the encoder train")
     adapter_ratio: float = option(MARIS_DEFAULTS.adapter_ratio,
                                   "RISAM adapters: bottleneck width as a share of the SAM width D")
+    # Generalized RIS (gRefCOCO): ReLA's no-target head on the multi-modal query token, off for RefCOCO.
+    no_target_weight: float | None = option(
+        None, "weight of the no-target head's BCE against the items' no_target labels (ReLA-style; 0 = no head, "
+              "evaluate.py then decides no target by an empty mask); on for the datasets with no-target "
+              "expressions, which the head's rule needs",
+        auto="0.1 for grefcoco and shapes-gres (ReLA's no-target term weighs 0.1 of its mask term), else 0 (off)")
     # optimisation
     epochs: int | None = option(None, "training epochs", auto="4 for shapes, else 50")
     batch_size: int = option(8, "sentences per step per process")
@@ -152,6 +170,18 @@ AUTO = {
     "shapes": dict(preset="tiny", epochs=4, lr=1e-3, warmup_steps=100, workers=0),
     "refcoco": dict(preset="vit_b", epochs=50, lr=1e-4, warmup_steps=1000, workers=min(4, os.cpu_count() or 1)),
 }
+SHAPES_DATASETS = ("shapes", "shapes-gres")  # built in, no files: the "shapes" values above
+DATASET_NAMES = (*SHAPES_DATASETS, *data.DATASETS)
+# --no-target-weight's "auto": on where expressions can refer to nothing (the head's BCE needs both labels).
+# NOTE(paper): 0.1 follows ReLA's criterion, whose no-target cross-entropy weighs 0.1 of its mask term; on
+# RefCOCO, RefCOCO+, G-Ref, shapes and PhraseCut every expression has a target, so the head stays off there
+# (RefCOCO training then is exactly MARIS's).
+NO_TARGET_WEIGHT = {"grefcoco": 0.1, "shapes-gres": 0.1}
+# The validation metric that picks best.pt, per metric set (evaluate.metric_set), and what each validation prints.
+# gIoU for gRefCOCO-style data (ReLA reports gIoU and cIoU): see --val-split's help for why.
+VAL_METRIC = {"ris": "oIoU", "gres": "gIoU", "phrasecut": "mIoU"}
+VAL_PRINTED = {"ris": ("oIoU", "mIoU", "Prec@0.5"), "gres": ("gIoU", "cIoU", "N-acc", "T-acc"),
+               "phrasecut": ("mIoU", "cumIoU", "Acc@0.5")}
 # TrainOptions that set the MarisConfig field of the same name (stored in the checkpoint's config).
 MAGNET_RISAM_FIELDS = ("mask_grounding_weight", "mask_ratio", "mask_grounding_use_mask", "alignment_weight",
                        "alignment_temperature", "adapters", "adapter_ratio")
@@ -163,21 +193,22 @@ def resolve_options(opts: TrainOptions) -> TrainOptions:
     Raises:
         SystemExit: an unknown dataset, schedule or precision name.
     """
-    if opts.dataset != "shapes" and opts.dataset not in data.DATASETS:
-        raise SystemExit(f"error: unknown --dataset {opts.dataset!r}; expected shapes or one of "
-                         f"{sorted(data.DATASETS)}")
+    if opts.dataset not in DATASET_NAMES:
+        raise SystemExit(f"error: unknown --dataset {opts.dataset!r}; expected one of {', '.join(DATASET_NAMES)}")
     if opts.schedule not in SCHEDULES:
         raise SystemExit(f"error: --schedule must be one of {', '.join(SCHEDULES)}, got {opts.schedule!r}")
     try:
         maris.check_precision(opts.precision)
     except ValueError as e:
         raise SystemExit(f"error: --{e}") from None
-    kind = "shapes" if opts.dataset == "shapes" else "refcoco"
+    kind = "shapes" if opts.dataset in SHAPES_DATASETS else "refcoco"
     values = dataclasses.asdict(opts)
     for key, value in AUTO[kind].items():
         if values[key] is None:
             values[key] = value
-    if values["split_by"] is None and opts.dataset != "shapes":
+    if values["no_target_weight"] is None:
+        values["no_target_weight"] = NO_TARGET_WEIGHT.get(opts.dataset, 0.0)
+    if values["split_by"] is None and opts.dataset not in SHAPES_DATASETS:
         values["split_by"] = data.DATASETS[opts.dataset][0]
     if values["context_length"] is None:  # data.py's default L for the dataset
         values["context_length"] = data.DEFAULT_CONTEXT_LENGTH[opts.dataset]
@@ -206,6 +237,7 @@ def model_config(opts: TrainOptions) -> dict:
         overrides["loss_dice_weight"] = opts.loss_dice_weight
     for name in MAGNET_RISAM_FIELDS:  # MagNet's and RISAM's switches are MarisConfig fields of the same name
         overrides[name] = getattr(opts, name)
+    overrides["no_target_weight"] = opts.no_target_weight
     for item in opts.model_set:
         key, sep, raw = item.partition("=")
         if not sep or key not in known:
@@ -434,7 +466,7 @@ class Progress:
     step: int = 0  # optimizer steps done
     epoch: int = 0
     batch_in_epoch: int = 0  # batches of `epoch` done
-    best: float = -1.0  # best validation oIoU so far
+    best: float = -1.0  # best validation score so far (the dataset's val_metric: oIoU, gIoU or mIoU)
     last_good: str | None = None  # the checkpoint a non-finite loss falls back on, and its step
     last_good_step: int | None = None
     saved_at: int | None = None  # step of this run's latest last.pt
@@ -461,7 +493,7 @@ def load_options(opts: TrainOptions, explicit: dict,
     stored = {k: v for k, v in ckpt["options"].items() if k in {f.name for f in dataclasses.fields(TrainOptions)}}
     opts = resolve_options(TrainOptions(**{**stored, **explicit}))
     if explicit.keys() & {"preset", "image_size", "context_length", "model_set", "loss_focal_weight",
-                          "loss_dice_weight", *MAGNET_RISAM_FIELDS}:
+                          "loss_dice_weight", "no_target_weight", *MAGNET_RISAM_FIELDS}:
         if model_config(opts) != ckpt["config"] and main_process:
             print("note: model options given with --resume are ignored; the checkpoint's config is used")
     return opts, ckpt, resume
@@ -539,7 +571,8 @@ def restore(run: Run, ckpt: dict, path: str) -> Progress:
     run.optimizer.load_state_dict(ckpt["optimizer"])
     sampler = ckpt["sampler"]
     progress = Progress(step=int(ckpt["step"]), epoch=int(sampler["epoch"]),
-                        batch_in_epoch=int(sampler["batch_in_epoch"]), best=float(ckpt["best_oIoU"]),
+                        batch_in_epoch=int(sampler["batch_in_epoch"]),
+                        best=float(ckpt.get("best", ckpt.get("best_oIoU", -1.0))),
                         last_good=path, last_good_step=int(ckpt["step"]))
     if sampler["world_size"] != run.world and run.main_process:
         print(f"note: checkpoint written with {sampler['world_size']} process(es), resuming with {run.world}: "
@@ -611,7 +644,7 @@ def print_banner(run: Run) -> None:
           f"CLIP {opts.clip_checkpoint or 'RANDOM (no --clip-checkpoint)'}"
           + (f"; feature cache {run.train_cache.root} ({run.train_cache.bytes_per_image:,} bytes/image)"
              if run.train_cache is not None else ""))
-    extras = [f"{name} {getattr(cfg, name + '_weight')}" for name in ("mask_grounding", "alignment")
+    extras = [f"{name} {getattr(cfg, name + '_weight')}" for name in OPTIONAL_LOSSES
               if getattr(cfg, name + "_weight") > 0] + (["RISAM adapters"] if cfg.adapters else [])
     if extras:
         print("add-ons: " + ", ".join(extras))
@@ -634,7 +667,10 @@ def save_checkpoint(run: Run, progress: Progress, path: pathlib.Path) -> None:
         # A description only: resuming recomputes the learning rate from the step.
         "scheduler": {"schedule": opts.schedule, "warmup_steps": opts.warmup_steps, "total_steps": run.total_steps,
                       "peak_lr": opts.lr, "lr": learning_rate(progress.step, opts, run.total_steps)},
-        "step": progress.step, "epoch": progress.epoch, "best_oIoU": progress.best,
+        "step": progress.step, "epoch": progress.epoch,
+        # the best validation score so far, of the dataset's validation metric (val_metric)
+        "best_metric": val_metric(opts), "best": progress.best,
+        **({"best_oIoU": progress.best} if val_metric(opts) == "oIoU" else {}),
         "sampler": {"seed": opts.seed, "epoch": progress.epoch, "batch_in_epoch": progress.batch_in_epoch,
                     "world_size": run.world, "batch_size": opts.batch_size},
         "rng": states,
@@ -669,29 +705,33 @@ class _Stop:
         self.signal = signal.Signals(signum).name
 
 
-# Loss terms averaged into metrics.jsonl; MagNet's two only when their weight is > 0.
-LOSS_KEYS = ("loss", "focal", "dice", "mask_grounding", "alignment")
+# Loss terms averaged into metrics.jsonl; MagNet's two and the no-target BCE only when their weight is > 0.
+LOSS_KEYS = ("loss", "focal", "dice", "mask_grounding", "alignment", "no_target")
+OPTIONAL_LOSSES = ("mask_grounding", "alignment", "no_target")  # logged when MarisConfig.<name>_weight > 0
 # Everything a "train" record averages over its steps: the losses and the gradient norm before clipping.
 LOG_KEYS = (*LOSS_KEYS, "grad_norm")
 
 
 def batch_losses(runner: torch.nn.Module, batch: dict, inputs: dict, *, device: torch.device, precision: str,
-                 generator: torch.Generator | None = None) -> dict:
+                 generator: torch.Generator | None = None, no_target: bool = False) -> dict:
     """The losses of one `data.collate_images` batch: `runner` (a TrainStep or its DDP wrapper) under autocast.
 
     Args:
         inputs: the batch's image arguments (`data.batch_image_inputs`).  precision: "fp32" or "bf16".
         generator: Mask Grounding's RNG.
+        no_target: pass the batch's "no_target" labels (B,) to the no-target head's BCE (set when the
+            model's no_target_weight > 0; otherwise TrainStep gets exactly the arguments it got before).
 
     Returns:
         TrainStep's loss dict; the padded area (outside each image's `input_size`) takes no part.
     """
     masks = batch["mask"].to(device)  # (B, S, S)
     valid = data.valid_mask(batch["input_size"], masks.shape[-1]).to(device)  # (B, S, S) False on the padding
+    labels = {"no_target": batch["no_target"].to(device)} if no_target else {}  # (B,) bool
     with maris.autocast(device, precision):
-        # focal + dice (+ MagNet's losses when their weights are > 0); the losses run in fp32
+        # focal + dice (+ MagNet's losses, the no-target BCE when their weights are > 0); the losses run in fp32
         return runner(ids=batch["ids"].to(device), word_mask=batch["word_mask"].to(device), masks=masks,
-                      valid=valid, generator=generator, **inputs)
+                      valid=valid, generator=generator, **inputs, **labels)
 
 
 def train_one_step(run: Run, batch: dict, progress: Progress, stop: _Stop) -> tuple[dict, torch.Tensor, int, bool]:
@@ -709,7 +749,7 @@ def train_one_step(run: Run, batch: dict, progress: Progress, stop: _Stop) -> tu
                                               dataset=run.train_set, batch_size=opts.batch_size,
                                               precision=run.precision)
     losses = batch_losses(run.runner, batch, inputs, device=device, precision=run.precision,
-                          generator=run.mask_words)
+                          generator=run.mask_words, no_target=run.model.cfg.no_target_weight > 0)
     loss = losses["loss"]
     # Every rank learns whether any rank saw a non-finite loss or a stop signal: both flags in one device
     # tensor, one all-reduce, read after the backward pass has been queued.
@@ -758,10 +798,11 @@ class LossWindow:
 
 
 def log_train(run: Run, progress: Progress, window: LossWindow, bar: tqdm) -> None:
-    """Write a "train" record of the window's means (MagNet's losses only when on) and show it on the bar."""
+    """Write a "train" record of the window's means (MagNet's losses and the no-target BCE only when on) and
+    show it on the bar."""
     cfg = run.model.cfg
     means = {k: v for k, v in window.means(run.world).items()
-             if k not in ("mask_grounding", "alignment") or getattr(cfg, k + "_weight") > 0}
+             if k not in OPTIONAL_LOSSES or getattr(cfg, k + "_weight") > 0}
     speed = window.n * run.opts.batch_size * run.world / max(time.time() - window.start, 1e-9)
     lr = learning_rate(progress.step, run.opts, run.total_steps)  # that of the next step
     log_record(run, {"kind": "train", "step": progress.step, "epoch": progress.epoch, **means, "lr": lr,
@@ -814,26 +855,47 @@ def train_epoch(run: Run, progress: Progress, stop: _Stop) -> bool:
     return stopping
 
 
+def val_metric(opts: TrainOptions) -> str:
+    """The validation metric that picks best.pt for the run's dataset (VAL_METRIC)."""
+    return VAL_METRIC[metric_set(opts.dataset)]
+
+
 def validate(run: Run, progress: Progress) -> dict | None:
-    """Score the validation split (every rank its share); a new best oIoU writes best.pt."""
+    """Score the validation split (every rank its share) with the dataset's metric set; a new best of its
+    validation metric (`val_metric`: oIoU, gIoU or mIoU) writes best.pt.
+
+    gRefCOCO-style splits decide "no target" by the model's no-target head when it has one, else by an
+    empty mask (`evaluate.scoring_for`, the default of evaluate.py).
+    """
     progress.evaluated_at = progress.step
     if run.val_set is None:
         return None
     opts = run.opts
+    scoring = scoring_for(opts.dataset, run.model)
     metrics = evaluate_model(run.model, run.val_set, batch_size=opts.batch_size, device=run.device,
                              precision=opts.precision, workers=opts.workers, cache=run.val_cache,
-                             progress=opts.progress and run.main_process, desc=f"val {opts.val_split}")
+                             progress=opts.progress and run.main_process, desc=f"val {opts.val_split}",
+                             scoring=scoring)
+    rule = {"no_target_rule": scoring.nt_rule} if scoring.metrics == "gres" else {}
     log_record(run, {"kind": "eval", "step": progress.step, "epoch": progress.epoch, "split": opts.val_split,
-                     **metrics})
-    improved = metrics["oIoU"] > progress.best
+                     **metrics, **rule})
+    name = val_metric(opts)
+    improved = metrics[name] > progress.best  # False for NaN (a split without items)
     if run.main_process:
-        print(f"step {progress.step} epoch {progress.epoch}: {opts.val_split} oIoU {100 * metrics['oIoU']:.2f}  "
-              f"mIoU {100 * metrics['mIoU']:.2f}  Prec@0.5 {100 * metrics['Prec@0.5']:.2f}  "
-              f"({metrics['count']} pairs)" + ("  new best" if improved else ""))
+        shown = "  ".join(f"{k} {_percent(metrics[k])}" for k in VAL_PRINTED[scoring.metrics])
+        counted = f"{metrics['count']} {COUNT_NOUNS[scoring.metrics]}" + (
+            f"; no target by the {scoring.nt_rule} rule" if rule else "")
+        print(f"step {progress.step} epoch {progress.epoch}: {opts.val_split} {shown}  ({counted})"
+              + ("  new best" if improved else ""))
     if improved:
-        progress.best = metrics["oIoU"]
+        progress.best = metrics[name]
         save_checkpoint(run, progress, run.out_dir / "best.pt")
     return metrics
+
+
+def _percent(value: float) -> str:
+    """A metric (a fraction) in percent with 2 decimals, "-" when undefined (NaN)."""
+    return "-" if value != value else f"{100 * value:.2f}"
 
 
 # --- The loop ---
@@ -842,7 +904,9 @@ def train(opts: TrainOptions, explicit: dict) -> dict:
     """Run a training job (called by `main`; see the module docstring).
 
     Returns:
-        dict(step, epoch, best_oIoU, val=last validation metrics or None, out_dir, stopped_by).
+        dict(step, epoch, best_metric (oIoU, gIoU or mIoU), best (its best validation value, -1 before any),
+        best_oIoU (= best where best_metric is oIoU, else None), val=last validation metrics or None, out_dir,
+        stopped_by).
 
     Raises:
         SystemExit: missing data, a bad option, a non-finite loss (names the step).
@@ -877,11 +941,13 @@ def train(opts: TrainOptions, explicit: dict) -> dict:
         if run.main_process:
             print(f"saved {run.out_dir / 'last.pt'} at step {progress.step}"
                   + (f" (stopped by {reason})" if reason else "")
-                  + (f"; best val oIoU {100 * progress.best:.2f}" if progress.best >= 0 else ""))
+                  + (f"; best val {val_metric(opts)} {100 * progress.best:.2f}" if progress.best >= 0 else ""))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return {"step": progress.step, "epoch": progress.epoch, "best_oIoU": progress.best, "val": val_metrics,
+    name = val_metric(opts)
+    return {"step": progress.step, "epoch": progress.epoch, "best_metric": name, "best": progress.best,
+            "best_oIoU": progress.best if name == "oIoU" else None, "val": val_metrics,
             "out_dir": str(run.out_dir), "stopped_by": reason}
 
 

@@ -757,3 +757,275 @@ def test_model_set_rejects_an_unknown_sam_attention(tmp_path):
     """An unknown --model-set sam_attention value stops train.py with a one-line error naming it."""
     with pytest.raises(SystemExit, match="sam_attention must be one of stock, sdpa; got 'flash'"):
         train.main(shapes_args(tmp_path / "run", "--max-steps", "1", "--model-set", "sam_attention=flash"))
+
+# --- generalized RIS: shapes-gres, gRefCOCO, PhraseCut ---
+
+def gres_args(out, *extra):
+    """A short shapes-gres run: 16 training items, batch 4, no validation."""
+    return ["--dataset", "shapes-gres", *shapes_args(out, *extra)]
+
+
+@pytest.fixture
+def few_scenes(monkeypatch):
+    """Shapes splits of 12 scenes (the same first scenes, built in a fraction of the time of 1000)."""
+    for split in data.SHAPES_NUM_IMAGES:
+        monkeypatch.setitem(data.SHAPES_NUM_IMAGES, split, 12)
+
+
+def _previous_batch_losses(runner, batch, inputs, *, device, precision, generator=None, no_target=False):
+    """train.batch_losses as it was before the no-target head existed (it never passed labels)."""
+    masks = batch["mask"].to(device)
+    valid = data.valid_mask(batch["input_size"], masks.shape[-1]).to(device)
+    with maris.autocast(device, precision):
+        return runner(ids=batch["ids"].to(device), word_mask=batch["word_mask"].to(device), masks=masks,
+                      valid=valid, generator=generator, **inputs)
+
+
+@pytest.mark.parametrize("dataset,weight", [("shapes", 0.0), ("shapes-gres", 0.1), ("refcoco", 0.0),
+                                            ("refcoco+", 0.0), ("refcocog", 0.0), ("grefcoco", 0.1),
+                                            ("phrasecut", 0.0)])
+def test_no_target_weight_is_on_only_where_expressions_can_refer_to_nothing(dataset, weight):
+    """--no-target-weight defaults to 0.1 for grefcoco and shapes-gres, 0 elsewhere; an explicit value wins."""
+    assert train.resolve_options(train.TrainOptions(dataset=dataset)).no_target_weight == weight
+    assert train.resolve_options(train.TrainOptions(dataset=dataset, no_target_weight=0.5)).no_target_weight == 0.5
+
+
+def test_refcoco_training_is_bit_identical_to_the_code_before_the_no_target_head(refer_root, tmp_path, monkeypatch):
+    """A RefCOCO run gives the weights, optimizer state and logged losses of the previous code path (no
+    no-target labels passed), bit for bit, and builds, logs and stores no no-target head."""
+    now = train.main(refer_args(refer_root, tmp_path / "now", "--max-steps", "3", "--val-split", ""))
+    monkeypatch.setattr(train, "batch_losses", _previous_batch_losses)
+    before = train.main(refer_args(refer_root, tmp_path / "before", "--max-steps", "3", "--val-split", ""))
+    assert now["step"] == before["step"] == 3
+    a, b = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("now", "before"))
+    assert a["model"].keys() == b["model"].keys() and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert not any("no_target" in k for k in a["model"]) and a["config"]["no_target_weight"] == 0.0
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    logged = [log_records(tmp_path / run, "train") for run in ("now", "before")]
+    drop = ("seconds", "items_per_s")
+    assert [{k: v for k, v in x.items() if k not in drop} for x in logged[0]] == \
+        [{k: v for k, v in x.items() if k not in drop} for x in logged[1]]
+    assert all("no_target" not in x for x in logged[0])
+
+
+def test_no_target_labels_reach_the_train_step_only_with_the_head(tmp_path, monkeypatch, few_scenes):
+    """With the head on (shapes-gres default), every step's TrainStep gets the batch's no_target labels;
+    with --no-target-weight 0 it gets none and no head is built."""
+    seen, real = [], maris.TrainStep.forward
+
+    def recording(self, **kwargs):
+        seen.append(kwargs.get("no_target"))
+        return real(self, **kwargs)
+
+    monkeypatch.setattr(maris.TrainStep, "forward", recording)
+    train.main(gres_args(tmp_path / "on", "--max-steps", "4"))
+    ds = data.ShapesGresDataset("train", image_size=64)
+    batches = train.epoch_batches(16, batch_size=4, seed=0, epoch=0, rank=0, world=1)  # --train-limit 16
+    assert [x.tolist() for x in seen] == [[ds.no_target[i] for i in b] for b in batches]
+    assert any(any(b) for b in (x.tolist() for x in seen))  # the first 16 items hold no-target expressions
+    seen.clear()
+    train.main(gres_args(tmp_path / "off", "--max-steps", "2", "--no-target-weight", "0"))
+    assert seen == [None, None]
+    ckpt = torch.load(tmp_path / "off" / "last.pt", weights_only=True)
+    assert not any(k.startswith("no_target_head.") for k in ckpt["model"])
+
+
+@pytest.mark.filterwarnings("ignore:MARIS. RANDOM weights")
+def test_shapes_gres_logs_the_no_target_bce_of_the_first_batch(tmp_path, few_scenes):
+    """metrics.jsonl logs "no_target" beside the other losses: at step 1 it is the head's BCE on the first
+    batch, recomputed here from the seeded initial model; the head is stored in the checkpoint."""
+    out = tmp_path / "run"
+    train.main(gres_args(out, "--max-steps", "2"))
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["config"]["no_target_weight"] == 0.1 and any(k.startswith("no_target_head.") for k in ckpt["model"])
+    model = maris.build_model(ckpt["config"])  # the seeded build = the run's start
+    step = maris.TrainStep(model, maris.build_heads(model.cfg, model)).train()
+    ds = data.ShapesGresDataset("train", image_size=64)
+    first = train.epoch_batches(16, batch_size=4, seed=0, epoch=0, rank=0, world=1)[0]
+    batch = data.collate_images([ds[i] for i in first])
+    inputs, _ = data.batch_image_inputs(batch, device=torch.device("cpu"))
+    with torch.no_grad():
+        losses = train.batch_losses(step, batch, inputs, device=torch.device("cpu"), precision="fp32",
+                                    no_target=True)
+    records = log_records(out, "train")
+    assert {"loss", "focal", "dice", "no_target"} <= set(records[0]) and "alignment" not in records[0]
+    assert all(math.isfinite(x["no_target"]) for x in records)
+    assert records[0]["no_target"] == pytest.approx(float(losses["no_target"]), rel=1e-5)
+    assert records[0]["loss"] == pytest.approx(float(losses["loss"]), rel=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:MARIS. RANDOM weights")
+def test_all_empty_ground_truths_give_finite_losses_and_gradients():
+    """A batch of no-target expressions only (all-zero masks) gives finite focal, dice, no-target BCE and
+    MagNet losses and finite gradients through a train step (dice smoothing; MagNet skips maskless samples)."""
+    cfg = maris.make_config("tiny", image_size=64, no_target_weight=0.1, mask_grounding_weight=0.1,
+                            alignment_weight=0.1)
+    model = maris.build_maris(cfg)
+    step = maris.TrainStep(model, maris.build_heads(cfg, model)).train()
+    ds = data.ShapesGresDataset("train", num_images=6, image_size=64)
+    empty = [i for i in range(len(ds)) if ds.no_target[i]][:4]
+    batch = data.collate_images([ds[i] for i in empty])
+    assert len(empty) == 4 and batch["mask"].sum() == 0 and batch["no_target"].all()
+    inputs, _ = data.batch_image_inputs(batch, device=torch.device("cpu"))
+    losses = train.batch_losses(step, batch, inputs, device=torch.device("cpu"), precision="fp32",
+                                generator=train.mask_word_generator(0, 0), no_target=True)
+    assert all(math.isfinite(float(v.detach())) for v in losses.values()) and float(losses["no_target"].detach()) > 0
+    losses["loss"].backward()
+    grads = [p.grad for p in step.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert model.no_target_head.layers[0].weight.grad.abs().sum() > 0
+
+
+class _FakeValidation:
+    """evaluate_model's stand-in: returns the next of `scores` (dicts of the metric set's keys)."""
+
+    def __init__(self, scores):
+        self.scores, self.calls = list(scores), []
+
+    def __call__(self, model, dataset, **kwargs):
+        self.calls.append(kwargs["scoring"])
+        return self.scores.pop(0)
+
+
+@pytest.mark.parametrize("dataset,chosen", [("shapes", "oIoU"), ("shapes-gres", "gIoU")])
+def test_best_checkpoint_follows_the_validation_metric(tmp_path, monkeypatch, capsys, few_scenes, dataset, chosen):
+    """best.pt keeps the epoch whose validation metric (oIoU for shapes, gIoU for shapes-gres) is highest,
+    even where the other numbers say otherwise; each validation prints the metric set's numbers."""
+    nan = float("nan")
+    if chosen == "gIoU":  # epoch 2 has the better gIoU, epoch 1 the better cIoU
+        scores = [dict(gIoU=0.3, cIoU=0.6, **{"N-acc": 0.1, "T-acc": 0.9}, count=5),
+                  dict(gIoU=0.5, cIoU=0.2, **{"N-acc": nan, "T-acc": 0.5}, count=5),
+                  dict(gIoU=0.4, cIoU=0.7, **{"N-acc": 0.9, "T-acc": 0.9}, count=5)]
+    else:
+        scores = [dict(oIoU=0.3, mIoU=0.6, **{"Prec@0.5": 0.9}, count=5),
+                  dict(oIoU=0.5, mIoU=0.2, **{"Prec@0.5": 0.1}, count=5),
+                  dict(oIoU=0.4, mIoU=0.7, **{"Prec@0.5": 0.9}, count=5)]
+    fake = _FakeValidation(scores)
+    monkeypatch.setattr(train, "evaluate_model", fake)
+    out = tmp_path / "run"
+    result = train.main(["--dataset", dataset, *shapes_args(out, "--epochs", "3", "--val-split", "val",
+                                                               "--train-limit", "8")])
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["step"] == 4 and best["best_metric"] == chosen and best["best"] == 0.5  # epoch 2 of 2-step epochs
+    assert (result["best_metric"], result["best"]) == (chosen, 0.5)
+    assert [s.metrics for s in fake.calls] == [evaluate.metric_set(dataset)] * 3
+    printed = capsys.readouterr().out
+    for name in train.VAL_PRINTED[evaluate.metric_set(dataset)]:
+        assert f" {name} " in printed
+    if chosen == "gIoU":
+        assert "N-acc -" in printed and "no target by the head rule" in printed and fake.calls[0].nt_rule == "head"
+        assert "best val gIoU 50.00" in printed
+    # Resumed for a 4th epoch that scores below the best: best.pt stays the epoch-2 checkpoint.
+    fake.scores = [dict(scores[0], **{chosen: 0.45})]
+    resumed = train.main(["--resume", "auto", "--out-dir", str(out), "--epochs", "4", "--no-progress"])
+    assert (resumed["step"], resumed["best"]) == (8, 0.5)
+    assert torch.load(out / "best.pt", weights_only=True)["step"] == 4
+
+
+@pytest.mark.parametrize("extra", [["--sentences-per-image", "2", "--mask-grounding-weight", "0.1",
+                                    "--alignment-weight", "0.1", "--feature-cache", "CACHE"], ["--adapters"]],
+                         ids=["grouped+cache+magnet", "adapters"])
+def test_grefcoco_resume_is_bit_identical(tmp_path, extra):
+    """On a gRefCOCO layout (written here), with the no-target head and image-grouped batches, the feature
+    cache and MagNet's losses, or with RISAM's adapters: 2 steps + resume + 2 steps = 4 straight steps."""
+    from test_data import _write_gref
+    root, _, _ = _write_gref(tmp_path / "g")
+    extra = [str(tmp_path / "cache") if x == "CACHE" else x for x in extra]
+    common = ["--dataset", "grefcoco", "--data-root", str(root), "--batch-size", "2", "--lr", "1e-3",
+              "--warmup-steps", "2", "--val-split", "", *TINY, *extra]
+    train.main([*common, "--out-dir", str(tmp_path / "straight"), "--max-steps", "4"])
+    train.main([*common, "--out-dir", str(tmp_path / "resumed"), "--max-steps", "2"])
+    train.main(["--resume", "auto", "--out-dir", str(tmp_path / "resumed"), "--dataset", "grefcoco",
+                "--max-steps", "4", "--no-progress"])
+    a, b = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("straight", "resumed"))
+    assert a["step"] == b["step"] == 4 and any(k.startswith("no_target_head.") for k in a["model"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["heads"].keys() == b["heads"].keys() and all(torch.equal(a["heads"][k], b["heads"][k]) for k in a["heads"])
+    la, lb = log_records(tmp_path / "straight", "train"), log_records(tmp_path / "resumed", "train")
+    assert [x["no_target"] for x in la] == [x["no_target"] for x in lb]
+
+
+def test_ddp_with_the_no_target_head_matches_one_process(tmp_path):
+    """torchrun with 2 CPU processes, batch 2 each, on a gRefCOCO layout gives the no-target BCE, the losses
+    and the head's weights of 1 process with batch 4 (the head is averaged over the ranks like the rest)."""
+    from test_data import _write_gref
+    root, _, _ = _write_gref(tmp_path / "g")  # 6 training sentences, one of them no-target: 1 step per epoch
+    common = ["--dataset", "grefcoco", "--data-root", str(root), "--max-steps", "3", "--val-split", "", *TINY,
+              "--lr", "1e-3", "--warmup-steps", "1"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "train.py", "--batch-size", "2", "--out-dir", str(tmp_path / "ddp"), *common],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train.main(["--batch-size", "4", "--out-dir", str(tmp_path / "one"), *common])
+    ddp_log, one_log = log_records(tmp_path / "ddp", "train"), log_records(tmp_path / "one", "train")
+    for key in ("loss", "focal", "dice", "no_target", "grad_norm"):
+        assert [x[key] for x in ddp_log] == pytest.approx([x[key] for x in one_log], rel=1e-4), key
+    a, b = (torch.load(tmp_path / run / "last.pt", weights_only=True)["model"] for run in ("ddp", "one"))
+    head = [k for k in a if k.startswith("no_target_head.")]
+    assert head and all(torch.allclose(a[k], b[k], atol=2e-4, rtol=0) for k in a)
+
+
+def _gres_train_evaluate(root, tmp_path, capsys):
+    """Train 2 steps on a gRefCOCO layout with validation, then score val, testA and testB with the head
+    rule (default) and with the empty-mask rule; returns the head run's results and JSON report."""
+    out = tmp_path / "run"
+    result = train.main(["--dataset", "grefcoco", "--data-root", str(root), "--out-dir", str(out), "--batch-size",
+                         "2", "--max-steps", "2", "--lr", "1e-3", "--warmup-steps", "1", *TINY])
+    assert result["step"] == 2 and result["best_metric"] == "gIoU"
+    printed = capsys.readouterr().out
+    assert all(f" {k} " in printed for k in ("gIoU", "cIoU", "N-acc", "T-acc"))
+    evals = log_records(out, "eval")
+    assert evals and {"gIoU", "cIoU", "N-acc", "T-acc", "count_no_target"} <= set(evals[0])
+    results = evaluate.main(["--ckpt", str(out / "last.pt"), "--no-progress", "--out-dir", str(tmp_path / "e")])
+    report = json.loads((tmp_path / "e" / "eval_grefcoco_unc.json").read_text())
+    assert list(results) == ["val", "testA", "testB"]
+    assert report["protocol"]["no_target_rule"].startswith("no-target head")
+    assert report["unit"] == "percent" and report["trained_on"]["dataset"] == "grefcoco"
+    for split, m in results.items():
+        for key in evaluate.METRIC_COLUMNS["gres"]:
+            value = report["results"][split][key]
+            assert (value is None and m[key] is None) or value == pytest.approx(100 * m[key]), (split, key)
+    evaluate.main(["--ckpt", str(out / "last.pt"), "--no-progress", "--out-dir", str(tmp_path / "e2"),
+                   "--nt-rule", "empty-mask", "--split", "val"])
+    empty = json.loads((tmp_path / "e2" / "eval_grefcoco_unc.json").read_text())
+    assert empty["protocol"]["no_target_rule"].startswith("empty-mask rule")
+    return results, report
+
+
+def test_end_to_end_grefcoco_mini(tmp_path, capsys):
+    """Train on the real-format grefcoco-mini with validation, score val/testA/testB with both rules."""
+    results, report = _gres_train_evaluate(shared_path("grefcoco-mini"), tmp_path, capsys)
+    assert [(results[s]["count"], results[s]["count_no_target"]) for s in ("val", "testA", "testB")] == \
+        [(13, 3), (13, 2), (12, 2)]
+
+
+def test_end_to_end_gref_fixture(tmp_path, capsys):
+    """The same gRefCOCO train / evaluate path on a layout written here (a fresh clone has no ../shared)."""
+    from test_data import _write_gref
+    root, _, _ = _write_gref(tmp_path / "g")
+    results, _ = _gres_train_evaluate(root, tmp_path, capsys)
+    assert [(results[s]["count"], results[s]["count_no_target"]) for s in ("val", "testA", "testB")] == \
+        [(1, 0), (1, 0), (1, 1)]
+    assert results["val"]["N-acc"] is None and results["testB"]["T-acc"] is None  # undefined, not 0
+
+
+def test_phrasecut_trains_and_keeps_the_best_miou(tmp_path, capsys):
+    """--dataset phrasecut trains (every task has a target: no head by default) and validates with
+    PhraseCut's mIoU / cumIoU / Acc@X, best.pt by mIoU; on a VGPhraseCut_v0 layout written here."""
+    from test_data import _write_phrasecut
+    folder = _write_phrasecut(tmp_path / "p", mismatched=False)
+    info = json.loads((folder / "image_data_split.json").read_text())
+    for entry in info:
+        entry["split"] = {"test": "train"}.get(entry["split"], entry["split"])  # images 11, 12 train; 13 val
+    (folder / "image_data_split.json").write_text(json.dumps(info))
+    (folder / "refer_train.json").write_text((folder / "refer_test.json").read_text())
+    out = tmp_path / "run"
+    result = train.main(["--dataset", "phrasecut", "--data-root", str(folder.parent), "--out-dir", str(out),
+                         "--batch-size", "1", "--max-steps", "3", "--lr", "1e-3", "--warmup-steps", "1", *TINY])
+    assert result["best_metric"] == "mIoU" and result["val"]["count"] == 1
+    assert " mIoU " in capsys.readouterr().out and set(log_records(out, "eval")[0]) >= {"mIoU", "cumIoU", "Acc@0.5"}
+    ckpt = torch.load(out / "best.pt", weights_only=True)
+    assert ckpt["config"]["no_target_weight"] == 0.0 and ckpt["best_metric"] == "mIoU"
+    assert all("no_target" not in x for x in log_records(out, "train"))
