@@ -1010,18 +1010,18 @@ def test_bad_checkpoint_file_is_one_line(content, tmp_path):
     assert "\n" not in message and not (tmp_path / "out").exists()
 
 
-def test_script_prints_one_line_and_no_traceback(tmp_path):
-    """`python evaluate.py --ckpt <random bytes>` prints one `error:` line on stderr, no traceback, exit 1."""
+def test_script_prints_one_line_and_no_traceback(tiny_checkpoint, tmp_path):
+    """`python evaluate.py --image <a text file>` prints one `error:` line on stderr, no traceback, exit 1."""
     import pathlib
     import subprocess
     import sys
-    path = tmp_path / "random.pt"
-    path.write_bytes(np.random.default_rng(1).bytes(3000))
+    notes = tmp_path / "notes.jpg"
+    notes.write_text("not a picture")
     root = pathlib.Path(evaluate.__file__).resolve().parent
-    proc = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(path)], cwd=root, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(tiny_checkpoint), "--image", str(notes),
+                           "--text", "the dog"], cwd=root, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
-    assert proc.stderr.startswith(f"error: checkpoint {path}") and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: image {notes} is corrupt") and proc.stderr.count("\n") == 1, proc.stderr
 
 
 def test_non_image_file_fails_before_the_model_is_built(tiny_checkpoint, tmp_path, monkeypatch):

@@ -779,7 +779,7 @@ def test_kill_9_loses_at_most_the_save_interval_and_the_log_stays_faithful(refer
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     saved = None
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 120
         while saved is None and time.time() < deadline and proc.poll() is None:
             time.sleep(0.1)
             proc.send_signal(signal.SIGSTOP)  # freeze it, look, then kill it or let it go on
