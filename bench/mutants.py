@@ -125,6 +125,20 @@ MUTANTS = [
            ("tests/test_evaluate.py",), "empty", "empty GT + empty prediction scores 0"),
     Mutant("evaluate.py", "    return batches[rank::world]", "    return batches[rank:]",
            ("tests/test_evaluate.py",), "eval_batches or torchrun", "evaluation ranks score overlapping batches"),
+    # --- protecting runs, the encoder check, parse-time checks, the prediction API ---
+    Mutant("train.py", "    if not present or overwrite:\n        return\n", "    return\n",
+           ("tests/test_train.py",), "rerun", "a new run overwrites the run in its folder"),
+    Mutant("train.py", "            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)", "            pass",
+           ("tests/test_train.py",), "second_writer", "no lock: two trainings write one folder"),
+    Mutant("train.py", '        data.atomic_write(path, lambda f: f.write("".join(lines[:keep]).encode()))',
+           "        pass", ("tests/test_train.py",), "kill_9", "a resume keeps the records of the steps it runs again"),
+    Mutant("maris.py", "    if problems and not allow_mismatch:", "    if False:",
+           ("tests/test_maris.py", "tests/test_evaluate.py"), "encoder", "other encoder weights are accepted silently"),
+    Mutant("maris.py", "            except ValueError as e:\n                parser.exit(2,",
+           "            except TypeError as e:\n                parser.exit(2,",
+           ("tests/test_train.py", "tests/test_evaluate.py"), "parse_time", "option values are not checked"),
+    Mutant("evaluate.py", "    return data.load_rgb(image, exif_transpose=True)", "    return data.load_rgb(image)",
+           ("tests/test_evaluate.py",), "predict", "predict ignores a photo's EXIF orientation"),
 ]
 
 
