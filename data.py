@@ -437,7 +437,8 @@ def load_rgb(source: str | os.PathLike | Image.Image, *, exif_transpose: bool = 
             img.load()  # decode inside the try: a truncated file fails here, named
             return _to_rgb(img, str(path), exif_transpose=exif_transpose, warn_orientation=True)
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"image {path} is corrupt or not an image ({e})") from None
+        raise ValueError(f"image {path} is corrupt or not an image ({e}): expected a picture file that Pillow "
+                         f"reads (JPEG, PNG, TIFF, WebP, ...)") from None
 
 
 def _to_rgb(img: Image.Image, name: str, *, exif_transpose: bool, warn_orientation: bool) -> Image.Image:

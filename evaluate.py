@@ -8,7 +8,11 @@
     python evaluate.py --ckpt runs/grefcoco/best.pt --nt-rule empty-mask   # gRefCOCO: gIoU, cIoU, N-acc, T-acc
     python evaluate.py --ckpt runs/refcoco/best.pt --dataset phrasecut --split test   # zero-shot PhraseCut
 
-The metrics are defined once, here; `train.py` imports them.
+    model = maris.load("best.pt"); mask = evaluate.predict(model, "photo.jpg", "the dog")   # from Python
+
+The metrics are defined once, here; `train.py` imports them. The frozen encoders are checked against the
+hashes the checkpoint recorded (`maris.check_encoders`; `--allow-encoder-mismatch` to score anyway) and the JSON
+report records them.
 
 - Per (ref, sentence) pair: I = |pred ∩ gt|, U = |pred ∪ gt| in pixels.
 - oIoU (also called cIoU) = ΣI / ΣU over every pair of the split; mIoU = mean of the per-pair IoU;
@@ -1162,6 +1166,12 @@ def in_percent(results: dict[str, dict], columns: tuple[str, ...]) -> dict[str, 
 
 # --- Command line ---
 
+def image_file_name(path: str) -> None:
+    """Option check: a file name whose extension Pillow can write (.png, .jpg, .webp, ...)."""
+    if Image.registered_extensions().get(pathlib.Path(path).suffix.lower()) not in Image.SAVE:
+        raise ValueError("expected a file name ending in an image extension Pillow writes (.png, .jpg, .webp, ...)")
+
+
 @dataclass
 class EvalOptions:
     """Every command-line option of evaluate.py (flag = field name with '-' for '_')."""
@@ -1178,14 +1188,14 @@ class EvalOptions:
                                                                     "dataset's layout")
     sam_checkpoint: str | None = maris.option(None, "SAM weights", auto="the path stored in the checkpoint")
     clip_checkpoint: str | None = maris.option(None, "CLIP weights", auto="the path stored in the checkpoint")
-    batch_size: int = maris.option(8, "sentences per forward pass")
-    workers: int = maris.option(0, "DataLoader worker processes")
-    device: str = maris.option("auto", "auto | cpu | cuda | cuda:N")
+    batch_size: int = maris.option(8, "sentences per forward pass", check=maris.at_least(1))
+    workers: int = maris.option(0, "DataLoader worker processes", check=maris.at_least(0))
+    device: str = maris.option("auto", "auto | cpu | cuda | cuda:N", check=maris.check_device)
     precision: str = maris.option("auto", "auto = bf16 autocast on CUDA, fp32 on CPU", choices=maris.PRECISIONS)
     eval_size: int | None = maris.option(None, "score on an R x R square resize (480 = LAVT/MagNet); refused for "
                                                "phrasecut, whose official evaluator scores at the image size",
-                                         auto="the original resolution")
-    threshold: float = maris.option(0.5, "foreground where sigmoid(logit) > threshold")
+                                         auto="the original resolution", check=maris.at_least(1))
+    threshold: float = maris.option(0.5, "foreground where sigmoid(logit) > threshold", check=maris.between(0.0, 1.0))
     # The no-target decision of gRefCOCO-style datasets (grefcoco, shapes-gres), printed with the results.
     nt_rule: str | None = maris.option(
         None, "no-target decision (grefcoco, shapes-gres): empty-mask = no target when the predicted mask has "
@@ -1193,23 +1203,30 @@ class EvalOptions:
               "--nt-threshold (ReLA; checkpoints trained with --no-target-weight > 0)",
         auto="head when the checkpoint has a no-target head, else empty-mask", choices=NO_TARGET_RULES)
     nt_min_pixels: int = maris.option(1, "empty-mask rule: fewer foreground pixels than this (at the scoring size) "
-                                         "means no target")
-    nt_threshold: float = maris.option(0.5, "head rule: no target when sigmoid(no-target logit) > this")
+                                         "means no target", check=maris.at_least(1))
+    nt_threshold: float = maris.option(0.5, "head rule: no target when sigmoid(no-target logit) > this",
+                                      check=maris.between(0.0, 1.0))
     vis: int = maris.option(0, "write overlay PNGs of N pairs of each split into <out-dir>/vis/<split>/, named "
-                               "<selection><number>_iou<IoU %%>_img<image id>_<sentence>.png")
+                               "<selection><number>_iou<IoU %%>_img<image id>_<sentence>.png", check=maris.at_least(0))
     vis_select: str = maris.option("random", "which pairs --vis draws: random (a seeded sample over the whole split, "
                                              "a fair picture of the model), first (the first N pairs, often one "
                                              "image), worst (lowest IoU)", choices=VIS_SELECT)
-    vis_seed: int = maris.option(0, "seed of --vis-select random")
+    vis_seed: int = maris.option(0, "seed of --vis-select random", check=maris.at_least(0))
     out_dir: str | None = maris.option(None, "where the JSON and overlays go", auto="the checkpoint's folder")
     progress: bool = maris.option(True, "show progress bars")
     feature_cache: str | None = maris.option(
         None, "read SAM's frozen encoder outputs from this cache folder (written on first use; shared with "
               "train.py --feature-cache; not with adapters)", auto="off", metavar="DIR")
+    allow_encoder_mismatch: bool = maris.option(
+        False, "run although the SAM / CLIP weights differ from those the model was trained with (their sha256 "
+               "in the checkpoint), with a warning; the JSON records the files and hashes either way")
     image: str | None = maris.option(None, "single-image mode: an image file", auto="split scoring")
-    text: str | None = maris.option(None, "single-image mode: the referring expression", auto="none")
-    out: str | None = maris.option(None, "single-image mode: overlay PNG path", auto="<image>_overlay.png")
-    mask_out: str | None = maris.option(None, "single-image mode: mask PNG path", auto="<out>_mask.png")
+    text: str | None = maris.option(None, "single-image mode: the referring expression", auto="none",
+                                    check=maris.nonempty)
+    out: str | None = maris.option(None, "single-image mode: overlay picture path (.png, .jpg, ...)",
+                                   auto="<image>_overlay.png", check=image_file_name)
+    mask_out: str | None = maris.option(None, "single-image mode: mask picture path", auto="<out>_mask.png",
+                                        check=image_file_name)
 
 
 DESCRIPTION = ("Score a MARIS checkpoint (oIoU, mIoU, Prec@X; gRefCOCO: gIoU, cIoU, N-acc, T-acc, Pr@X; "
@@ -1226,76 +1243,147 @@ def parse_splits(values: list[str] | None, dataset: str, split_by: str | None) -
     return list(EVAL_SPLITS[key])
 
 
+# --- Prediction: expressions in one image (README, "Predict in Python") ---
+
+def read_picture(image) -> Image.Image:
+    """The RGB picture of a path, a PIL image or an (H, W, 3) uint8 RGB array, through `data.load_rgb`
+    (upright by its EXIF orientation; 16-bit, alpha, palette and CMYK modes converted).
+
+    Raises:
+        FileNotFoundError: no such file.  TypeError: another kind of object.
+        ValueError: an unreadable file, or an array that is not (H, W, 3) uint8 with H, W >= 1.
+    """
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
+            raise ValueError(f"image array of shape {image.shape} and dtype {image.dtype}: expected an (H, W, 3) "
+                             f"uint8 RGB array")
+        image = Image.fromarray(image)
+    elif not isinstance(image, (str, os.PathLike, Image.Image)):
+        raise TypeError(f"image of type {type(image).__name__}: expected a file path, a PIL image or an (H, W, 3) "
+                        f"uint8 array")
+    return data.load_rgb(image, exif_transpose=True)
+
+
 @torch.no_grad()
-def predict_image(model: maris.MARIS, image: Image.Image, text: str, *, device: torch.device,
-                  context_length: int, precision: str = "auto", threshold: float = 0.5) -> np.ndarray:
-    """Segment one expression in one image.
+def predict(model: maris.MARIS, image, text: str | list[str], *, threshold: float = 0.5,
+            precision: str | None = None, batch_size: int = 32) -> np.ndarray | list[np.ndarray]:
+    """Segment one or several expressions in one image.
+
+        model = maris.load("runs/refcoco/best.pt")
+        mask = predict(model, "photo.jpg", "the dog on the left")              # bool (H, W)
+        masks = predict(model, "photo.jpg", ["the dog", "the cat on the right"])  # one image-encoder pass
+
+    The picture is read by `read_picture` and resized and padded as in training (`data.transform_image`);
+    SAM's image encoder runs once for all the expressions; the masks are thresholded exactly as the scoring
+    does (`logits_to_masks` at the original resolution).
+
+    Args:
+        model: a MARIS (`maris.load`), on any device; its train / eval mode is restored afterwards.
+        image: a file path, a PIL image or an (H, W, 3) uint8 RGB array.
+        text: one expression, or a list of expressions of this image.
+        threshold: foreground where sigmoid(logit) > threshold, in (0, 1).
+        precision: "auto" | "bf16" | "fp32"; None = `model.precision` (set by `maris.load`), else "auto".
+        batch_size: expressions per decoder pass.
 
     Returns:
-        bool (Ho, Wo) mask at the image's own resolution.
+        bool numpy array (H, W) at the picture's (upright) size for one expression; a list of them, in order,
+        for a list of expressions.
+
+    Raises:
+        FileNotFoundError: no such image file.  TypeError: an image or expression of another type.
+        ValueError: an unreadable image, an empty expression or list, a threshold outside (0, 1).
     """
-    size = model.cfg.image_size
-    pixels, (h2, w2) = data.transform_image(image, size)  # (3, S, S)
-    ids, word_mask = data.tokenize([text], context_length)  # (1, L), (1, L)
-    with maris.autocast(device, precision):
-        logits = model(pixels[None].to(device), ids.to(device), word_mask.to(device))  # (1, 1, 4H, 4W)
-    mask = logits_to_masks(logits, torch.tensor([[h2, w2]]), torch.tensor([[image.height, image.width]]),
-                           size=size, threshold=threshold)[0]
-    return mask.cpu().numpy()
+    texts = [text] if isinstance(text, str) else list(text)
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise TypeError("text: expected an expression (str) or a non-empty list of them")
+    empty = [i for i, t in enumerate(texts) if not t.strip()]
+    if empty:
+        raise ValueError(f"expression #{empty[0]} is empty: expected a referring expression such as \"the dog on "
+                         f"the left\"")
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold {threshold}: expected a number > 0 and < 1")
+    precision = precision or getattr(model, "precision", "auto")  # `maris.load` sets model.precision
+    picture = read_picture(image)
+    device, S = model.word_pos.device, model.cfg.image_size
+    pixels, (h2, w2) = data.transform_image(picture, S)  # (3, S, S)
+    was_training = model.training
+    model.eval()
+    masks = []
+    try:
+        with maris.autocast(device, precision):
+            features = model.encode_image(pixels[None].to(device))  # neck (1, C, H, W), taps (1, H, W, D)
+        for start in range(0, len(texts), batch_size):
+            chunk = texts[start:start + batch_size]
+            ids, word_mask = data.tokenize(chunk, model.cfg.context_length)  # (B, L), (B, L)
+            with maris.autocast(device, precision):
+                logits = model(None, ids.to(device), word_mask.to(device), image_features=features,
+                               image_index=torch.zeros(len(chunk), dtype=torch.long, device=device))  # (B, 1, 4H, 4W)
+            B = len(chunk)
+            masks += [m.cpu().numpy() for m in logits_to_masks(
+                logits, torch.tensor([[h2, w2]] * B), torch.tensor([[picture.height, picture.width]] * B), size=S,
+                threshold=threshold)]
+    finally:
+        model.train(was_training)
+    return masks[0] if isinstance(text, str) else masks
 
 
+@maris.one_line_errors
 def main(argv: list[str] | None = None) -> dict:
     """Run evaluate.py; returns {split: metrics} (or {"mask": path, "overlay": path} in single-image mode).
 
     The returned metrics are fractions in [0, 1], as `RISMetrics.compute()` (and the other metric sets) give
     them; the printed table and the JSON report hold them in percent. Metrics of a split with no pairs are
-    None (null in the JSON, "-" in the table).
+    None (null in the JSON, "-" in the table). Bad files and values exit with one line
+    (`maris.one_line_errors`), before anything is written.
     """
     opts, _ = maris.parse_options(EvalOptions, argv, DESCRIPTION)
-    try:
-        ckpt = maris.read_checkpoint(opts.ckpt)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+    ckpt = maris.read_checkpoint(opts.ckpt)
+    picture = None
+    if opts.image is not None or opts.text is not None:
+        if opts.image is None or opts.text is None:
+            raise SystemExit("error: single-image mode needs both --image and --text")
+        picture = read_picture(opts.image)  # before the model is built: a bad file fails at once
     # Under torchrun every rank scores its share of each split; rank 0 prints and writes.
     rank, world, device = maris.setup_distributed(opts.device)
     try:
-        try:
-            model = maris.model_from_checkpoint(ckpt, sam_checkpoint=opts.sam_checkpoint,
-                                                clip_checkpoint=opts.clip_checkpoint).to(device)
-        except FileNotFoundError as e:
-            raise SystemExit(f"error: {e}") from None
-        if opts.image is not None or opts.text is not None:
-            if world > 1:
-                raise SystemExit("error: single-image mode runs in one process; run it without torchrun")
-            return segment_one_image(opts, model, device=device)
-        return score_splits(opts, ckpt, model, rank=rank, device=device)
+        if picture is not None and world > 1:
+            raise SystemExit("error: single-image mode runs in one process; run it without torchrun")
+        model = maris.model_from_checkpoint(ckpt, sam_checkpoint=opts.sam_checkpoint,
+                                            clip_checkpoint=opts.clip_checkpoint)
+        # The encoder weights are hashed once per run: the check against the checkpoint and the feature cache.
+        encoders = maris.check_encoders(ckpt, model, source=opts.ckpt, sam_checkpoint=opts.sam_checkpoint,
+                                        clip_checkpoint=opts.clip_checkpoint,
+                                        allow_mismatch=opts.allow_encoder_mismatch)
+        model = model.to(device)
+        if picture is not None:
+            return segment_one_image(opts, model, picture, device=device)
+        return score_splits(opts, ckpt, model, rank=rank, device=device, encoders=encoders)
     finally:  # every rank leaves the process group, also after an error (as train.main does)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def segment_one_image(opts: EvalOptions, model: maris.MARIS, *, device: torch.device) -> dict:
-    """Single-image mode: write the overlay picture and the mask PNG of `opts.text` in `opts.image`."""
-    if opts.image is None or opts.text is None:
-        raise SystemExit("error: single-image mode needs both --image and --text")
-    if not pathlib.Path(opts.image).is_file():
-        raise SystemExit(f"error: image {opts.image} does not exist")
-    image = data.load_rgb(opts.image, exif_transpose=True)  # upright as the photo's EXIF tag says
-    mask = predict_image(model, image, opts.text, device=device, context_length=model.cfg.context_length,
-                         precision=opts.precision, threshold=opts.threshold)
+def segment_one_image(opts: EvalOptions, model: maris.MARIS, picture: Image.Image, *, device: torch.device) -> dict:
+    """Single-image mode: write the overlay picture and the mask of `opts.text` in `picture` (`predict`)."""
+    mask = predict(model, picture, opts.text, threshold=opts.threshold,
+                   precision=maris.effective_precision(device, opts.precision))
     image_path = pathlib.Path(opts.image)
     out = pathlib.Path(opts.out or image_path.with_name(image_path.stem + "_overlay.png"))
     mask_out = pathlib.Path(opts.mask_out or out.with_name(out.stem + "_mask.png"))
     out.parent.mkdir(parents=True, exist_ok=True)
     mask_out.parent.mkdir(parents=True, exist_ok=True)
-    draw_overlay(image, mask, opts.text, context_length=model.cfg.context_length).save(out)
+    draw_overlay(picture, mask, opts.text, context_length=model.cfg.context_length).save(out)
     Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(mask_out)
     print(f"overlay: {out}\nmask:    {mask_out}  ({int(mask.sum())} foreground pixels of {mask.size})")
     return {"overlay": str(out), "mask": str(mask_out)}
 
 
-def score_splits(opts: EvalOptions, ckpt: dict, model: maris.MARIS, *, rank: int, device: torch.device) -> dict:
-    """Score every requested split; rank 0 prints the table and writes the JSON report."""
+def score_splits(opts: EvalOptions, ckpt: dict, model: maris.MARIS, *, rank: int, device: torch.device,
+                 encoders: dict) -> dict:
+    """Score every requested split; rank 0 prints the table and writes the JSON report.
+
+    `encoders` is `maris.check_encoders`' report: the JSON records it, the feature cache uses its SAM hash.
+    """
     stored, cfg = ckpt["options"], model.cfg
     dataset_name = opts.dataset or stored.get("dataset", "shapes")
     if opts.dataset and opts.dataset != stored.get("dataset"):
@@ -1313,9 +1401,8 @@ def score_splits(opts: EvalOptions, ckpt: dict, model: maris.MARIS, *, rank: int
     out_dir = pathlib.Path(opts.out_dir) if opts.out_dir else pathlib.Path(opts.ckpt).resolve().parent
     results: dict[str, dict] = {}
     start = time.time()
-    # The encoder weights' hash (a full read of them) is taken once, not once per split's cache.
-    encoder_sha256 = (data.state_dict_sha256(model.image_encoder)
-                      if opts.feature_cache is not None and not cfg.adapters else None)
+    # The encoder weights' hash (a full read of them) was taken once, for the encoder check.
+    encoder_sha256 = encoders["sam"]["sha256"] if opts.feature_cache is not None and not cfg.adapters else None
     for split in splits:
         try:
             # With a feature cache the pixels are only read to fill missing cache entries.
@@ -1334,7 +1421,7 @@ def score_splits(opts: EvalOptions, ckpt: dict, model: maris.MARIS, *, rank: int
             cache=cache, scoring=scoring)
     results = without_nan(results)  # a split with no pairs has no score: None, not NaN
     if rank == 0:  # every rank holds the all-reduced results; one writes them
-        write_report(opts, ckpt, results, proto, dataset_name, split_by, out_dir, time.time() - start)
+        write_report(opts, ckpt, results, proto, dataset_name, split_by, out_dir, time.time() - start, encoders)
     return results
 
 
@@ -1374,8 +1461,9 @@ def open_cache(model: maris.MARIS, dataset, opts: EvalOptions, device: torch.dev
 
 
 def write_report(opts: EvalOptions, ckpt: dict, results: dict, proto: dict, dataset_name: str,
-                 split_by: str | None, out_dir: pathlib.Path, seconds: float) -> None:
-    """Print the table (the dataset's metric set, in percent) and the protocol; write them, in percent, to
+                 split_by: str | None, out_dir: pathlib.Path, seconds: float, encoders: dict | None = None) -> None:
+    """Print the table (the dataset's metric set, in percent) and the protocol; write them, in percent, with
+    the encoder files and hashes (`maris.check_encoders`), to
     <out_dir>/eval_<dataset>[_<split_by>][_from_<training dataset>[_<split_by>]][_sq<R>].json.
 
     The "_from_" part (a checkpoint scored on another dataset or partition than it was trained on) keeps the
@@ -1397,6 +1485,7 @@ def write_report(opts: EvalOptions, ckpt: dict, results: dict, proto: dict, data
     report = {"checkpoint": str(opts.ckpt), "step": ckpt.get("step"), "dataset": dataset_name, "split_by": split_by,
               "trained_on": {"dataset": trained, "split_by": trained_by, "split": stored.get("train_split")},
               "protocol": proto, "unit": "percent", "results": in_percent(results, columns),
+              "encoders": encoders,
               "seconds": round(seconds, 2)}
     json_path = out_dir / f"{name}.json"
     json_path.write_text(json.dumps(report, indent=2, allow_nan=False))

@@ -39,12 +39,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import json
 import math
 import os
+import pickle
 import re
+import shlex
 import sys
 import typing
 import warnings
@@ -60,6 +63,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+import data  # the weight hash shared with the feature cache (data.py imports nothing of this file)
 
 
 # --- segment-anything ---------------------------------------------------------------------------
@@ -1607,6 +1612,8 @@ def _read_tensor_file(path: Path, what: str) -> dict:
     TorchScript or torch.save (read with weights_only)."""
     with open(path, "rb") as f:
         head = f.read(9)
+    if not head:
+        raise ValueError(f"{what} checkpoint {path} is empty (0 bytes): expected a weight file")
     if head[:1] == b"{":
         return _read_sharded(path, what)
     try:
@@ -1620,7 +1627,10 @@ def _read_tensor_file(path: Path, what: str) -> dict:
                 return torch.jit.load(str(path), map_location="cpu").state_dict()
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a weight file, or pickled non-tensor objects
-        first = (str(e).splitlines() or [type(e).__name__])[0]
+        if isinstance(e, pickle.UnpicklingError):  # weights_only's refusal: its advice to drop it does not apply
+            first = "no torch, safetensors or TorchScript weights, or Python objects beyond tensors"
+        else:
+            first = (str(e).splitlines() or [type(e).__name__])[0]
         raise ValueError(f"{what} checkpoint {path} is not a readable weight file (truncated or "
                          f"wrong format): {first}") from e
 
@@ -2094,43 +2104,187 @@ def build_model(config: dict, *, sam_checkpoint: str | Path | None = None,
     return build_maris(config_from_dict(config), sam_checkpoint=sam_checkpoint, clip_checkpoint=clip_checkpoint)
 
 
+CHECKPOINT_EXPECTED = "expected a last.pt or best.pt written by train.py"
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """Load a train.py checkpoint (plain tensors and Python values only: weights_only loading).
 
     Raises:
-        FileNotFoundError: no such file. ValueError: not a readable train.py checkpoint.
+        FileNotFoundError: no such file.
+        ValueError: an empty, cut-short or damaged file, another kind of file, or a torch file that is not a
+            train.py checkpoint; the message names the file, what is wrong and what was expected.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, not a torch file, pickled objects
-        raise ValueError(f"checkpoint {path} is not a readable torch file: {str(e).splitlines()[0]}") from None
+    size = path.stat().st_size
+    ckpt, problem = None, None
+    if size == 0:
+        problem = "is empty (0 bytes)"
+    elif not zipfile.is_zipfile(path):  # torch.save writes a zip archive whose directory comes last
+        problem = (f"is not a complete torch file ({size:,} bytes without the zip directory torch.save ends "
+                   f"with: cut short while copying, or another kind of file)")
+    else:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # weights_only refused an object: not something train.py writes
+            problem = "holds Python objects other than tensors and plain values"
+        except Exception as e:  # a damaged archive
+            problem = f"is damaged ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
+    if problem is not None:
+        raise ValueError(f"checkpoint {path} {problem}: {CHECKPOINT_EXPECTED}")
     missing = [k for k in ("config", "options", "model") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
-        raise ValueError(f"{path} is not a train.py checkpoint (missing keys {missing})")
+        raise ValueError(f"{path} is not a train.py checkpoint (missing keys {missing}): {CHECKPOINT_EXPECTED}")
     return ckpt
 
 
 def model_from_checkpoint(ckpt: dict, *, sam_checkpoint: str | Path | None = None,
                           clip_checkpoint: str | Path | None = None) -> MARIS:
     """The trained model (CPU, eval mode) from a `read_checkpoint` dict plus the encoder weight files it
-    names (`sam_checkpoint` / `clip_checkpoint` override those paths).
+    names (`sam_checkpoint` / `clip_checkpoint` override those paths). It does not compare the encoders
+    with those the model was trained with: `check_encoders` does (`load` calls both).
 
     Raises:
-        FileNotFoundError: an encoder weight file the checkpoint names is not on this machine.
+        FileNotFoundError: an encoder weight file (the checkpoint's or an override) is not on this machine.
     """
     opts = ckpt["options"]
     sam = sam_checkpoint or opts.get("sam_checkpoint")
     clip = clip_checkpoint or opts.get("clip_checkpoint")
-    for flag, path in (("--sam-checkpoint", sam), ("--clip-checkpoint", clip)):
-        if path and not Path(path).is_file():
+    for flag, given, path in (("--sam-checkpoint", sam_checkpoint, sam), ("--clip-checkpoint", clip_checkpoint, clip)):
+        if given and not Path(given).exists():  # the user's file: not one the model was trained with
+            raise FileNotFoundError(f"{flag} {given} does not exist")
+        if path and not Path(path).exists():
             raise FileNotFoundError(f"the model was trained with encoder weights {path}, which is not here; "
                                     f"pass {flag} with the same file")
     model = build_model(ckpt["config"], sam_checkpoint=sam, clip_checkpoint=clip)
     model.load_trainable_state_dict(ckpt["model"])
     return model.eval()
+
+
+# --- The frozen encoders a model was trained with ---------------------------------------------
+# A checkpoint records a sha256 of each frozen encoder's weights ("encoders": {"sam": {"file", "sha256"},
+# "clip": {...}}); a model rebuilt with other weights would compute other features than it learnt on.
+
+# name -> (MARIS attribute, the option naming its weight file, what it is called in messages)
+FROZEN_ENCODERS = {"sam": ("image_encoder", "sam_checkpoint", "SAM image encoder"),
+                   "clip": ("text_encoder", "clip_checkpoint", "CLIP text tower")}
+
+
+class EncoderMismatchError(ValueError):
+    """A frozen encoder's weights differ from those the model was trained with."""
+
+
+class EncoderCheckWarning(UserWarning):
+    """The frozen encoders could not be checked (an old checkpoint), or differ and the mismatch was allowed."""
+
+
+def encoder_hashes(model: MARIS) -> dict[str, str]:
+    """{"sam": sha256 of the SAM image encoder's weights, "clip": of the CLIP text tower's} (`data.state_dict_sha256`,
+    the feature cache's hash). Adapters are not part of them. It reads every weight (about 2.5 GB for ViT-H):
+    compute it once per run."""
+    return {name: data.state_dict_sha256(getattr(model, attr)) for name, (attr, _, _) in FROZEN_ENCODERS.items()}
+
+
+def encoder_record(hashes: dict[str, str], files: dict[str, str | None]) -> dict:
+    """The checkpoint's "encoders" entry: {name: {"file": weight file or None (random), "sha256": hash}}."""
+    return {name: {"file": None if files.get(name) is None else str(files[name]), "sha256": hashes[name]}
+            for name in FROZEN_ENCODERS}
+
+
+def check_encoders(ckpt: dict, model: MARIS, *, source: str | os.PathLike = "the checkpoint",
+                   sam_checkpoint: str | Path | None = None, clip_checkpoint: str | Path | None = None,
+                   allow_mismatch: bool = False, hashes: dict[str, str] | None = None) -> dict:
+    """Compare the model's frozen encoders with those its checkpoint was trained with.
+
+    Args:
+        ckpt: the `read_checkpoint` dict; source: its path, for the messages.
+        sam_checkpoint, clip_checkpoint: the overrides the model was built with (None: the checkpoint's files).
+        allow_mismatch: warn (EncoderCheckWarning) instead of raising.
+        hashes: `encoder_hashes(model)` when the caller has them (None: computed here).
+
+    Returns:
+        {name: {"file", "sha256", "trained_file", "trained_sha256", "match"}} for "sam" and "clip"; "file" is
+        None for a random encoder; "trained_sha256" and "match" are None for a checkpoint without hashes
+        (written before they were recorded), which gives an EncoderCheckWarning.
+
+    Raises:
+        EncoderMismatchError: an encoder differs and allow_mismatch is False; the message names the file, both
+            hashes and, for an override, the file the model was trained with.
+    """
+    hashes = encoder_hashes(model) if hashes is None else hashes
+    stored, opts = ckpt.get("encoders"), ckpt["options"]
+    overrides = {"sam": sam_checkpoint, "clip": clip_checkpoint}
+    report, problems = {}, []
+    for name, (_, option, what) in FROZEN_ENCODERS.items():
+        trained = (stored or {}).get(name) or {"file": opts.get(option), "sha256": None}
+        file = overrides[name] or trained["file"]
+        entry = {"file": None if file is None else str(file), "sha256": hashes[name], "trained_file": trained["file"],
+                 "trained_sha256": trained["sha256"],
+                 "match": None if trained["sha256"] is None else hashes[name] == trained["sha256"]}
+        report[name] = entry
+        if entry["match"] is not False:
+            continue
+        now = f"{hashes[name][:12]}…"
+        then = f"{trained['sha256'][:12]}…"
+        trained_with = trained["file"] or "random weights (no weight file)"
+        if overrides[name]:  # the user's file: never say the model was trained with it
+            problems.append(f"--{option.replace('_', '-')} {file} holds other {what} weights (sha256 {now}) than the "
+                            f"model was trained with ({trained_with}, sha256 {then})")
+        elif file:
+            problems.append(f"the {what} weights {file} (sha256 {now}) are not those the model was trained with "
+                            f"(sha256 {then}): the file changed since training")
+        else:
+            problems.append(f"the random {what} (sha256 {now}) is not the one the model was trained with "
+                            f"(sha256 {then})")
+    if stored is None:
+        warnings.warn(f"checkpoint {source} records no hash of its encoder weights (written before hashes were "
+                      f"stored): the SAM and CLIP weights used now cannot be checked against those it was trained "
+                      f"with", EncoderCheckWarning, stacklevel=2)
+    if problems and not allow_mismatch:
+        raise EncoderMismatchError(f"checkpoint {source}: {'; '.join(problems)}: expected the encoder weights the "
+                                   f"model was trained with (--allow-encoder-mismatch / allow_mismatch=True to run "
+                                   f"anyway)")
+    if problems:
+        warnings.warn(f"ENCODER MISMATCH, results are not those of the trained model: {'; '.join(problems)}",
+                      EncoderCheckWarning, stacklevel=2)
+    return report
+
+
+def load(path: str | os.PathLike, *, device: str | torch.device = "auto", precision: str = "auto",
+         sam_checkpoint: str | Path | None = None, clip_checkpoint: str | Path | None = None,
+         allow_encoder_mismatch: bool = False) -> MARIS:
+    """A trained MARIS from a train.py checkpoint, ready for `evaluate.predict` (README, "Predict in Python").
+
+        model = maris.load("runs/refcoco/best.pt")
+
+    The frozen encoders come from the weight files the checkpoint names (or the overrides) and are checked
+    against the hashes it recorded (`check_encoders`).
+
+    Args:
+        path: best.pt / last.pt.  device: "auto" (CUDA when available), "cpu", "cuda", "cuda:N".
+        precision: "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32": stored as
+            `model.precision`, what `evaluate.predict` runs in unless told otherwise.
+        sam_checkpoint, clip_checkpoint: other paths of the same encoder weights.
+        allow_encoder_mismatch: warn instead of raising when an encoder's weights differ.
+
+    Returns:
+        The model on `device`, in eval mode.
+
+    Raises:
+        FileNotFoundError: the checkpoint or an encoder file is absent.
+        ValueError: an unusable checkpoint, encoder file, device or precision (EncoderMismatchError: other
+            encoder weights than the model was trained with).
+    """
+    device = resolve_device(str(device))
+    check_precision(precision)
+    ckpt = read_checkpoint(path)
+    model = model_from_checkpoint(ckpt, sam_checkpoint=sam_checkpoint, clip_checkpoint=clip_checkpoint)
+    check_encoders(ckpt, model, source=path, sam_checkpoint=sam_checkpoint, clip_checkpoint=clip_checkpoint,
+                   allow_mismatch=allow_encoder_mismatch)
+    model.precision = effective_precision(device, precision)
+    return model.to(device)
 
 
 # --- Running the model: device, precision, processes -------------------------------------------
@@ -2140,10 +2294,40 @@ PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' -> CUDA when available, else CPU; anything else is passed to torch.device."""
+    """'auto' -> CUDA when available, else CPU; anything else is checked (`check_device`) and passed to torch.device.
+
+    Raises:
+        ValueError: a device this machine does not have, or not a device name.
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        check_device(device)
+    except ValueError as e:
+        raise ValueError(f"device {device}: {e}") from None
     return torch.device(device)
+
+
+def check_device(name: str) -> None:
+    """Check a --device value: auto, cpu, cuda, cuda:N (or another torch device type) that this machine has.
+
+    Raises:
+        ValueError: "expected ..." saying what would work here.
+    """
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError("expected auto, cpu, cuda or cuda:N") from None
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"CUDA is not available on this machine ({why}): expected auto or cpu")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"expected cuda:0 to cuda:{torch.cuda.device_count() - 1} (this machine has "
+                         f"{torch.cuda.device_count()} CUDA devices)")
 
 
 def setup_distributed(device_name: str = "auto") -> tuple[int, int, torch.device]:
@@ -2186,12 +2370,55 @@ def autocast(device: torch.device | str, precision: str = "auto"):
 # --- Command-line options from a dataclass (train.py, evaluate.py) ------------------------------
 
 def option(default=dataclasses.MISSING, help: str = "", *, auto: str | None = None,
-           choices: tuple | None = None, multiple: bool = False, metavar: str | None = None):
+           choices: tuple | None = None, multiple: bool = False, metavar: str | None = None, check=None):
     """A dataclass field that is a command-line option (`options_parser`): `default` MISSING makes the flag
     required; `auto` says in the help what a None default resolves to; `multiple` collects a repeatable
-    flag into a list."""
+    flag into a list; `check(value)` validates a given value at parse time (`parse_options`) and raises
+    ValueError("expected ...") when it is unusable (`at_least`, `above`, `between`, `nonempty`, ...)."""
     return dataclasses.field(default=default, metadata=dict(help=help, auto=auto, choices=choices,
-                                                            multiple=multiple, metavar=metavar))
+                                                            multiple=multiple, metavar=metavar, check=check))
+
+
+def at_least(low: float):
+    """Option check: a finite number >= low ("an integer" when low is an int)."""
+    def check(value) -> None:
+        if not (math.isfinite(value) and value >= low):
+            raise ValueError(f"expected {'an integer' if isinstance(low, int) else 'a number'} >= {low:g}")
+    return check
+
+
+def above(low: float):
+    """Option check: a finite number > low."""
+    def check(value) -> None:
+        if not (math.isfinite(value) and value > low):
+            raise ValueError(f"expected a number > {low:g}")
+    return check
+
+
+def between(low: float, high: float, *, include_high: bool = False):
+    """Option check: low < value < high (value <= high with include_high)."""
+    def check(value) -> None:
+        if not (low < value < high or (include_high and value == high)):
+            raise ValueError(f"expected a number > {low:g} and {'<=' if include_high else '<'} {high:g}")
+    return check
+
+
+def nonempty(value: str) -> None:
+    """Option check: text with at least one non-space character."""
+    if not value.strip():
+        raise ValueError("expected a non-empty text")
+
+
+class _OptionParser(argparse.ArgumentParser):
+    """argparse with its errors in one line (`error: ...`), without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (--help lists the options)\n")
+
+
+DEBUG_ENV = "MARIS_DEBUG"  # MARIS_DEBUG=1: full tracebacks instead of one-line errors
+ERRORS_EPILOG = (f"Errors print one line 'error: <what>: <what was expected>' and exit non-zero; {DEBUG_ENV}=1 "
+                 f"prints the full traceback instead.")
 
 
 def options_parser(cls: type, description: str) -> argparse.ArgumentParser:
@@ -2200,7 +2427,7 @@ def options_parser(cls: type, description: str) -> argparse.ArgumentParser:
     bool fields become `--x / --no-x`; absent flags stay absent from the parsed namespace, so a caller
     can tell the options given on the command line (e.g. to override a resumed checkpoint's).
     """
-    p = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    p = _OptionParser(description=description, argument_default=argparse.SUPPRESS, epilog=ERRORS_EPILOG)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
@@ -2219,9 +2446,57 @@ def options_parser(cls: type, description: str) -> argparse.ArgumentParser:
 
 
 def parse_options(cls: type, argv: list[str] | None, description: str) -> tuple:
-    """Command line -> (the options dataclass with defaults filled, {field: value} given explicitly)."""
-    explicit = vars(options_parser(cls, description).parse_args(argv))
+    """Command line -> (the options dataclass with defaults filled, {field: value} given explicitly).
+
+    Each given value is validated by its option's `check`; an unusable one exits (code 2) with one line,
+    `error: --flag value: expected ...`.
+    """
+    parser = options_parser(cls, description)
+    explicit = vars(parser.parse_args(argv))
+    for f in dataclasses.fields(cls):
+        check = f.metadata.get("check")
+        if check is None or explicit.get(f.name) is None:
+            continue
+        for value in explicit[f.name] if f.metadata["multiple"] else [explicit[f.name]]:
+            try:
+                check(value)
+            except ValueError as e:
+                parser.exit(2, f"error: --{f.name.replace('_', '-')} {shlex.quote(str(value))}: {e}\n")
     return cls(**explicit), explicit
+
+
+def error_line(error: BaseException) -> str:
+    """The one-line text of an error: its message (a KeyError's without quotes; an OSError's with the file it
+    names), newlines folded."""
+    if isinstance(error, KeyError) and error.args:
+        text = str(error.args[0])
+    elif isinstance(error, OSError) and error.strerror and error.filename is not None:
+        text = f"{error.filename}: {error.strerror}"
+    elif isinstance(error, OSError) and error.strerror:
+        text = error.strerror
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+# The errors that the library raises for bad files, values and machines, each with a message naming the file or
+# value and what was expected (file readers, weight loaders, option and encoder checks, a full disk).
+USER_ERRORS = (OSError, ValueError, KeyError)
+
+
+def one_line_errors(main):
+    """Decorator of a script's `main(argv)`: a USER_ERRORS error exits with one line `error: <message>`
+    (SystemExit, code 1) instead of a traceback; MARIS_DEBUG=1 keeps the traceback. Other exceptions are bugs
+    and keep theirs."""
+    @functools.wraps(main)
+    def wrapper(argv: list[str] | None = None):
+        try:
+            return main(argv)
+        except USER_ERRORS as e:
+            if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                raise
+            raise SystemExit(f"error: {error_line(e)}") from None
+    return wrapper
 
 
 # --- Command line: parameter table and shapes -----------------------------------------------

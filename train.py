@@ -4,8 +4,8 @@
     python train.py --dataset refcoco --sam-checkpoint sam_vit_b_01ec64.pth --clip-checkpoint ViT-B-16.pt
     torchrun --nproc_per_node 4 train.py --dataset refcoco ...        # DDP (NCCL on GPU, gloo on CPU)
     python train.py --resume auto                     # continue <out-dir>/last.pt exactly
-    python train.py --mask-grounding-weight 0.1 --alignment-weight 0.1   # + MagNet's losses (CVPR 2024)
-    python train.py --adapters                        # + RISAM's adapters: SAM's encoder fine-tuned cheaply
+    python train.py --mask-grounding-weight 0.1 --alignment-weight 0.1 --out-dir runs/magnet  # + MagNet's losses
+    python train.py --adapters --out-dir runs/adapters   # + RISAM's adapters: SAM's encoder fine-tuned cheaply
     python train.py --feature-cache cache/            # SAM's frozen encoder runs once per image, ever
     python train.py --dataset shapes-gres             # generalized RIS demo: multi- and no-target expressions
     python train.py --dataset grefcoco --data-root data ...   # gRefCOCO, with the no-target head
@@ -21,6 +21,12 @@ The script reads top to bottom: options; learning rate, optimizer, data order; c
 (`build_run`: data, model + optimizer, resume); one step (`train_one_step`), one epoch, validation;
 `train`, the loop. Each step runs `maris.TrainStep` (MARIS and MagNet's training-only heads; wrapped
 in DistributedDataParallel under torchrun) and sets the learning rate from the step number.
+
+One run per folder (README, "Run folders"): a new run is refused where another left last.pt, best.pt or
+metrics.jsonl (--resume continues it, --overwrite replaces it), and the running process holds a lock on
+<out-dir>/train.lock. last.pt is written at each epoch's end and every --save-minutes of training, so a
+kill loses little; metrics.jsonl keeps one record per step and kind across resumes (`claim_run_folder`).
+Bad files and values end the script with one line (`maris.one_line_errors`).
 
 Exact resume: the order of the training items is a pure function of (seed, epoch) (a
 DistributedSampler permutation), so a checkpoint stores the epoch and the number of batches already
@@ -43,8 +49,15 @@ import os
 import pathlib
 import random
 import signal
+import socket
 import time
+import uuid
 from dataclasses import dataclass
+
+try:  # POSIX: the run folder's lock (RunLock)
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 import numpy as np
 import torch
@@ -82,61 +95,70 @@ class TrainOptions:
                                    "decision together, where cIoU gives a rightly rejected no-target sentence no "
                                    "credit and favours large objects) or mIoU (phrasecut: the mean per-task IoU of its "
                                    "official evaluator)")
-    val_limit: int = option(0, "score only the first N validation items (0 = the whole split)")
+    val_limit: int = option(0, "score only the first N validation items (0 = the whole split)", check=maris.at_least(0))
     train_limit: int = option(0, "train on the first N training items only (0 = the whole split; quick checks, "
-                                 "benchmarks)")
+                                 "benchmarks)", check=maris.at_least(0))
     # model
     preset: str | None = option(None, "model preset: tiny | vit_b | vit_l | vit_h", auto="tiny for shapes, else vit_b")
     sam_checkpoint: str | None = option(None, "official SAM weights (sam_vit_b_01ec64.pth, ...)", auto="random encoder")
     clip_checkpoint: str | None = option(None, "CLIP weights (OpenAI ViT-B-16.pt, ...)", auto="random text encoder")
-    image_size: int | None = option(None, "padded input side S", auto="the preset's (1024 for SAM presets)")
-    context_length: int | None = option(None, "text tokens L", auto="30 for refcocog, else 20")
+    image_size: int | None = option(None, "padded input side S", auto="the preset's (1024 for SAM presets)",
+                                    check=maris.at_least(16))
+    context_length: int | None = option(None, "text tokens L", auto="30 for refcocog, else 20", check=maris.at_least(3))
     loss_focal_weight: float | None = option(None, "focal loss weight",
-                                             auto=f"the preset's ({MARIS_DEFAULTS.loss_focal_weight:g})")
+                                             auto=f"the preset's ({MARIS_DEFAULTS.loss_focal_weight:g})",
+                                             check=maris.at_least(0.0))
     loss_dice_weight: float | None = option(None, "dice loss weight",
-                                            auto=f"the preset's ({MARIS_DEFAULTS.loss_dice_weight:g})")
+                                            auto=f"the preset's ({MARIS_DEFAULTS.loss_dice_weight:g})",
+                                            check=maris.at_least(0.0))
     model_set: list | None = option(None, "extra MarisConfig overrides, repeatable: --model-set maa_depth=3",
                                     auto="none", multiple=True, metavar="KEY=VALUE")
     # MagNet's training-only losses (Chng et al., "Mask Grounding for Referring Image Segmentation",
     # CVPR 2024) and RISAM's adapters (the later version of the MARIS paper); all off = exactly MARIS.
     mask_grounding_weight: float = option(MARIS_DEFAULTS.mask_grounding_weight,
                                           "weight of MagNet's Mask Grounding loss (Chng et al., CVPR 2024): predict "
-                                          "masked words from the visual features (0 = off)")
-    mask_ratio: float = option(MARIS_DEFAULTS.mask_ratio, "MagNet Mask Grounding: share of the real word tokens masked")
+                                          "masked words from the visual features (0 = off)", check=maris.at_least(0.0))
+    mask_ratio: float = option(MARIS_DEFAULTS.mask_ratio, "MagNet Mask Grounding: share of the real word tokens masked",
+                               check=maris.between(0.0, 1.0, include_high=True))
     mask_grounding_use_mask: bool = option(MARIS_DEFAULTS.mask_grounding_use_mask,
                                            "MagNet Mask Grounding: give the head the features pooled inside the "
                                            "ground-truth mask (--no-... = the ablation without it)")
     alignment_weight: float = option(MARIS_DEFAULTS.alignment_weight,
                                      "weight of MagNet's cross-modal alignment loss (Chng et al., CVPR 2024): "
-                                     "pixel-to-text contrast, GT pixels positive (0 = off)")
+                                     "pixel-to-text contrast, GT pixels positive (0 = off)", check=maris.at_least(0.0))
     alignment_temperature: float = option(MARIS_DEFAULTS.alignment_temperature,
-                                          "MagNet alignment loss: temperature of the cosine similarities")
+                                          "MagNet alignment loss: temperature of the cosine similarities",
+                                          check=maris.above(0.0))
     adapters: bool = option(MARIS_DEFAULTS.adapters,
                             "RISAM's bottleneck adapters in every SAM ViT block (the later MARIS paper's "
                             "parameter-efficient fine-tuning); only the adapters of the encoder train")
     adapter_ratio: float = option(MARIS_DEFAULTS.adapter_ratio,
-                                  "RISAM adapters: bottleneck width as a share of the SAM width D")
+                                  "RISAM adapters: bottleneck width as a share of the SAM width D",
+                                  check=maris.above(0.0))
     # Generalized RIS (gRefCOCO): ReLA's no-target head on the multi-modal query token, off for RefCOCO.
     no_target_weight: float | None = option(
         None, "weight of the no-target head's BCE against the items' no_target labels (ReLA-style; 0 = no head, "
               "evaluate.py then decides no target by an empty mask); on for the datasets with no-target "
               "expressions, which the head's rule needs",
-        auto="0.1 for grefcoco and shapes-gres (ReLA's no-target term weighs 0.1 of its mask term), else 0 (off)")
+        auto="0.1 for grefcoco and shapes-gres (ReLA's no-target term weighs 0.1 of its mask term), else 0 (off)",
+        check=maris.at_least(0.0))
     # optimisation
-    epochs: int | None = option(None, "training epochs", auto="4 for shapes, else 50")
-    batch_size: int = option(8, "sentences per step per process")
+    epochs: int | None = option(None, "training epochs", auto="4 for shapes, else 50", check=maris.at_least(1))
+    batch_size: int = option(8, "sentences per step per process", check=maris.at_least(1))
     lr: float | None = option(None, "AdamW peak learning rate",
-                              auto="1e-3 for shapes (training from scratch), else 1e-4")
-    weight_decay: float = option(0.01, "AdamW weight decay (not applied to biases and norm weights)")
-    warmup_steps: int | None = option(None, "linear warm-up steps", auto="100 for shapes, else 1000")
+                              auto="1e-3 for shapes (training from scratch), else 1e-4", check=maris.above(0.0))
+    weight_decay: float = option(0.01, "AdamW weight decay (not applied to biases and norm weights)",
+                                 check=maris.at_least(0.0))
+    warmup_steps: int | None = option(None, "linear warm-up steps", auto="100 for shapes, else 1000",
+                                      check=maris.at_least(0))
     schedule: str = option("cosine", "learning-rate decay after warm-up: cosine | poly | constant")
     grad_clip: float = option(1.0, "clip the gradient norm to this value (0 = off); metrics.jsonl logs the norm "
-                                   "before clipping either way")
-    seed: int = option(0, "seed of the data order, the model initialisation and every RNG")
+                                   "before clipping either way", check=maris.at_least(0.0))
+    seed: int = option(0, "seed of the data order, the model initialisation and every RNG", check=maris.at_least(0))
     sentences_per_image: int = option(1, "keep up to K sentences of one image in a batch and encode each image "
-                                         "once (1 = ordinary shuffled batches)")
+                                         "once (1 = ordinary shuffled batches)", check=maris.at_least(1))
     max_steps: int = option(0, "stop after this many optimizer steps (0 = run all epochs); the schedule keeps "
-                               "its full length")
+                               "its full length", check=maris.at_least(0))
     # speed (README, "Performance")
     feature_cache: str | None = option(None, "cache folder of SAM's frozen encoder outputs (fp16, one file per "
                                              "image): the encoder runs once per image for the whole run, not once "
@@ -147,15 +169,24 @@ class TrainOptions:
                                   "decoder) in place; helps on a GPU, the first steps are slow while it compiles")
     # run
     out_dir: str | None = option(None, "where last.pt, best.pt and metrics.jsonl go", auto="runs/<dataset>")
-    resume: str | None = option(None, "checkpoint to continue from, or 'auto' = <out-dir>/last.pt when it exists",
-                                auto="a new run")
-    eval_every: int = option(1, "score the validation split every N epochs (0 = only at the end)")
+    resume: str | None = option(None, "checkpoint to continue from, or 'auto' = <out-dir>/last.pt when it exists; "
+                                      "metrics.jsonl keeps the records up to that checkpoint", auto="a new run")
+    overwrite: bool = option(False, "start a new run in an --out-dir that holds one (its last.pt, best.pt and "
+                                    "metrics.jsonl are deleted); without it (and without --resume) such a folder "
+                                    "is refused")
+    eval_every: int = option(1, "score the validation split every N epochs (0 = only at the end)",
+                             check=maris.at_least(0))
     log_every: int = option(20, "write a metrics.jsonl line every N steps (losses and gradient norm averaged "
-                                "over those steps and the processes)")
-    save_every: int = option(0, "also write last.pt every N steps (0 = at the end of each epoch only)")
+                                "over those steps and the processes)", check=maris.at_least(1))
+    save_every: int = option(0, "also write last.pt every N steps (0 = off)", check=maris.at_least(0))
+    save_minutes: float = option(5.0, "also write last.pt when this many minutes of training passed since the last "
+                                      "write, so a kill loses at most that much (0 = off); last.pt is written at "
+                                      "every epoch's end too, and holds the trainable weights only",
+                                 check=maris.at_least(0.0))
     workers: int | None = option(None, "DataLoader worker processes per training process",
-                                 auto="0 for shapes (rendering is cheap), else min(4, CPU count)")
-    device: str = option("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
+                                 auto="0 for shapes (rendering is cheap), else min(4, CPU count)",
+                                 check=maris.at_least(0))
+    device: str = option("auto", "auto (cuda when available) | cpu | cuda | cuda:N", check=maris.check_device)
     precision: str = option("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32")
     progress: bool = option(True, "show tqdm progress bars")
 
@@ -390,8 +421,24 @@ def mask_word_generator(seed: int, rank: int) -> torch.Generator:
 
 
 def atomic_save(obj: dict, path: pathlib.Path) -> None:
-    """torch.save through `data.atomic_write`: a kill at any moment leaves the old file or the new one."""
-    data.atomic_write(path, lambda f: torch.save(obj, f))
+    """torch.save through `data.atomic_write`: a kill at any moment leaves the old file or the new one.
+
+    Raises:
+        OSError: the write failed (a full disk, no permission); the message names the file and the cause, and
+            says that the previous file is intact.
+    """
+    path = pathlib.Path(path)
+    try:
+        data.atomic_write(path, lambda f: torch.save(obj, f))
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write checkpoint {path}: {file_error(e)}; "
+                               + (f"the previous {path.name} is intact" if path.exists() else "nothing was written")
+                      ) from e
+
+
+def file_error(error: OSError) -> str:
+    """The cause of a failed write in words: "No space left on device (errno 28)" rather than "[Errno 28] ..."."""
+    return f"{error.strerror} (errno {error.errno})" if error.strerror and error.errno else str(error)
 
 
 
@@ -431,10 +478,12 @@ class Run:
     runner: torch.nn.Module  # what computes a step's losses: train_step, or its DDP wrapper
     optimizer: torch.optim.Optimizer
     mask_words: torch.Generator  # Mask Grounding's word choice, stored in checkpoints
+    log: "RunLog"  # run id, session and clock of metrics.jsonl
+    encoders: dict  # the frozen encoders' files and sha256 (maris.encoder_record), stored in every checkpoint
     batches_per_epoch: int = 0
     train_cache: data.FeatureCache | None = None
     val_cache: data.FeatureCache | None = None
-    start: float = dataclasses.field(default_factory=time.time)  # for the "seconds" of metrics.jsonl
+    resumed_from: str | None = None  # the checkpoint this session continues, None for a new run
 
     @property
     def model(self) -> maris.MARIS:
@@ -470,7 +519,14 @@ class Progress:
     last_good: str | None = None  # the checkpoint a non-finite loss falls back on, and its step
     last_good_step: int | None = None
     saved_at: int | None = None  # step of this run's latest last.pt
+    saved_time: float = dataclasses.field(default_factory=time.time)  # when (time.time()) it was written
+    save_due: bool = False  # --save-minutes passed on rank 0: write last.pt after this step (every rank)
     evaluated_at: int | None = None  # step of this run's latest validation
+
+
+def epoch_number(progress: Progress) -> int:
+    """The 1-based epoch of the latest step (0 before the first step): metrics.jsonl's and the printed epoch."""
+    return progress.epoch + (progress.batch_in_epoch > 0)
 
 
 def load_options(opts: TrainOptions, explicit: dict,
@@ -489,7 +545,7 @@ def load_options(opts: TrainOptions, explicit: dict,
         return resolve_options(opts), None, None
     if not pathlib.Path(resume).is_file():
         raise SystemExit(f"error: --resume {resume}: no such checkpoint")
-    ckpt = torch.load(resume, map_location="cpu", weights_only=True)
+    ckpt = maris.read_checkpoint(resume)  # a damaged or foreign file: ValueError naming it
     stored = {k: v for k, v in ckpt["options"].items() if k in {f.name for f in dataclasses.fields(TrainOptions)}}
     opts = resolve_options(TrainOptions(**{**stored, **explicit}))
     if explicit.keys() & {"preset", "image_size", "context_length", "model_set", "loss_focal_weight",
@@ -535,9 +591,9 @@ def build_train_step(config: dict, opts: TrainOptions, device: torch.device) -> 
 def open_caches(run: Run) -> None:
     """Open --feature-cache for both splits: rank 0 first (emptying it with --rebuild-feature-cache), then the
     others; two ranks writing one image is harmless (each entry is renamed into place)."""
-    # The encoder weights' hash (a full read of them, ~2.5 GB for ViT-H) is taken once per run; with
-    # adapters there is none to take (open_feature_cache refuses them).
-    encoder_sha256 = None if run.model.cfg.adapters else data.state_dict_sha256(run.model.image_encoder)
+    # The encoder weights' hash (a full read of them, ~2.5 GB for ViT-H) was taken once for the run (build_run);
+    # with adapters there is none to pass (open_feature_cache refuses them).
+    encoder_sha256 = None if run.model.cfg.adapters else run.encoders["sam"]["sha256"]
     if run.main_process:
         open_split_caches(run, encoder_sha256, rebuild=run.opts.rebuild_feature_cache)
     if run.world > 1:
@@ -573,7 +629,8 @@ def restore(run: Run, ckpt: dict, path: str) -> Progress:
     progress = Progress(step=int(ckpt["step"]), epoch=int(sampler["epoch"]),
                         batch_in_epoch=int(sampler["batch_in_epoch"]),
                         best=float(ckpt.get("best", ckpt.get("best_oIoU", -1.0))),
-                        last_good=path, last_good_step=int(ckpt["step"]))
+                        last_good=path, last_good_step=int(ckpt["step"]),
+                        evaluated_at=ckpt.get("evaluated_at"))
     if sampler["world_size"] != run.world and run.main_process:
         print(f"note: checkpoint written with {sampler['world_size']} process(es), resuming with {run.world}: "
               f"the data order after resume differs from an uninterrupted run")
@@ -602,6 +659,8 @@ def build_run(opts: TrainOptions, explicit: dict) -> tuple[Run, Progress]:
     """Join the process group, then build the data, the model, heads and optimizer, the caches; resume."""
     rank, world, device = maris.setup_distributed(opts.device)  # torchrun: join the process group
     opts, ckpt, resume = load_options(opts, explicit, rank == 0)
+    if rank == 0:  # refuse a folder that holds another run before minutes of building (`claim_run_folder`)
+        check_run_folder(pathlib.Path(opts.out_dir), resume=resume, overwrite=opts.overwrite)
     config = model_config(opts) if ckpt is None else ckpt["config"]
     train_set, val_set = build_data(opts, config)
     # The model and heads are seeded by the config (init_seed); the global RNGs differ per rank, and
@@ -610,10 +669,17 @@ def build_run(opts: TrainOptions, explicit: dict) -> tuple[Run, Progress]:
     np.random.seed(opts.seed + rank)
     torch.manual_seed(opts.seed + rank)
     train_step = build_train_step(config, opts, device)
+    # Each frozen encoder's weights are hashed once per run: every checkpoint records them, a resume and
+    # evaluate.py compare them, the feature cache reuses SAM's.
+    hashes = maris.encoder_hashes(train_step.model)
+    if ckpt is not None:
+        maris.check_encoders(ckpt, train_step.model, source=resume, sam_checkpoint=explicit.get("sam_checkpoint"),
+                             clip_checkpoint=explicit.get("clip_checkpoint"), hashes=hashes)
     run = Run(opts=opts, config=config, rank=rank, world=world, device=device,
               precision=maris.effective_precision(device, opts.precision), train_set=train_set, val_set=val_set,
               train_step=train_step, runner=train_step, optimizer=build_optimizer(train_step, opts),
-              mask_words=mask_word_generator(opts.seed, rank))
+              mask_words=mask_word_generator(opts.seed, rank), log=RunLog.of(ckpt),
+              encoders=maris.encoder_record(hashes, {"sam": opts.sam_checkpoint, "clip": opts.clip_checkpoint}))
     run.batches_per_epoch = len(run.batches(0))
     if run.batches_per_epoch == 0:
         raise SystemExit(f"error: the {opts.train_split} split has {len(train_set)} items, fewer than "
@@ -621,6 +687,7 @@ def build_run(opts: TrainOptions, explicit: dict) -> tuple[Run, Progress]:
     if opts.feature_cache is not None:
         open_caches(run)
     progress = Progress() if ckpt is None else restore(run, ckpt, resume)
+    run.resumed_from = resume
     if opts.compile:
         # In place (nn.Module.compile), so parameter names and state-dict keys stay the same.
         for module in (run.model.feature_enhancement, *run.model.maa_blocks, run.model.mask_decoder):
@@ -671,9 +738,12 @@ def save_checkpoint(run: Run, progress: Progress, path: pathlib.Path) -> None:
         # the best validation score so far, of the dataset's validation metric (val_metric)
         "best_metric": val_metric(opts), "best": progress.best,
         **({"best_oIoU": progress.best} if val_metric(opts) == "oIoU" else {}),
+        "evaluated_at": progress.evaluated_at,  # a resume does not score this step again
         "sampler": {"seed": opts.seed, "epoch": progress.epoch, "batch_in_epoch": progress.batch_in_epoch,
                     "world_size": run.world, "batch_size": opts.batch_size},
         "rng": states,
+        "encoders": run.encoders,  # the frozen encoders' files and sha256: checked on resume and by evaluate.py
+        "log": run.log.state(),  # metrics.jsonl's records up to here, its run id, session and clock
     }, path)
 
 
@@ -681,14 +751,26 @@ def save_last(run: Run, progress: Progress) -> None:
     """Write <out-dir>/last.pt; it becomes the checkpoint a non-finite loss falls back on."""
     save_checkpoint(run, progress, run.out_dir / "last.pt")
     progress.last_good, progress.last_good_step = str(run.out_dir / "last.pt"), progress.step
-    progress.saved_at = progress.step
+    progress.saved_at, progress.saved_time = progress.step, time.time()
 
 
 def log_record(run: Run, record: dict) -> None:
-    """Append one JSON line to <out-dir>/metrics.jsonl (rank 0); NaN (an empty split's metrics) is null."""
+    """Append one JSON line to <out-dir>/metrics.jsonl (rank 0) with the run id, session and seconds (`RunLog`);
+    NaN (an empty split's metrics) is null.
+
+    Raises:
+        OSError: the write failed; the message names the file and the cause.
+    """
     if run.main_process:
-        with open(run.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(without_nan({**record, "seconds": round(time.time() - run.start, 2)})) + "\n")
+        path = run.out_dir / "metrics.jsonl"
+        line = json.dumps(without_nan({**record, "run": run.log.run_id, "session": run.log.session,
+                                       "seconds": round(run.log.now(), 3)}))
+        try:
+            with open(path, "a") as f:
+                f.write(line + "\n")
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write {path}: {file_error(e)}") from e
+        run.log.records += 1
 
 
 # --- One step, one epoch, validation ---
@@ -751,11 +833,14 @@ def train_one_step(run: Run, batch: dict, progress: Progress, stop: _Stop) -> tu
     losses = batch_losses(run.runner, batch, inputs, device=device, precision=run.precision,
                           generator=run.mask_words, no_target=run.model.cfg.no_target_weight > 0)
     loss = losses["loss"]
-    # Every rank learns whether any rank saw a non-finite loss or a stop signal: both flags in one device
-    # tensor, one all-reduce, read after the backward pass has been queued.
+    # Every rank learns whether any rank saw a non-finite loss or a stop signal, and whether rank 0's clock
+    # says last.pt is due (--save-minutes): three flags in one device tensor, one all-reduce, read after the
+    # backward pass has been queued.
+    due = run.main_process and opts.save_minutes > 0 and time.time() - progress.saved_time >= 60 * opts.save_minutes
     flags = torch.stack([(~torch.isfinite(loss.detach())).double(),
-                         torch.full((), float(stop.signal is not None), dtype=torch.float64, device=device)])
-    flags = all_reduce_sum(flags, device)  # (2,) [non-finite, signal]
+                         torch.full((), float(stop.signal is not None), dtype=torch.float64, device=device),
+                         torch.full((), float(due), dtype=torch.float64, device=device)])
+    flags = all_reduce_sum(flags, device)  # (3,) [non-finite, signal, save due]
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()  # under DDP the gradients (the heads' included) are averaged over the ranks here
     trainable = [p for p in run.train_step.parameters() if p.requires_grad]  # MARIS's, then the heads'
@@ -764,7 +849,7 @@ def train_one_step(run: Run, batch: dict, progress: Progress, stop: _Stop) -> tu
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
     # The loop's deliberate host sync; MARIS's input checks (word mask, image_index) sync as well.
-    bad, sig = flags.tolist()
+    bad, sig, save_due = flags.tolist()
     if bad:
         where = (f"the last good checkpoint is {progress.last_good} (step {progress.last_good_step})"
                  if progress.last_good else "no checkpoint was written yet")
@@ -775,6 +860,7 @@ def train_one_step(run: Run, batch: dict, progress: Progress, stop: _Stop) -> tu
     run.optimizer.step()
     progress.step += 1
     progress.batch_in_epoch += 1
+    progress.save_due = save_due > 0
     return losses, grad_norm, encoded, sig > 0
 
 
@@ -805,8 +891,8 @@ def log_train(run: Run, progress: Progress, window: LossWindow, bar: tqdm) -> No
              if k not in OPTIONAL_LOSSES or getattr(cfg, k + "_weight") > 0}
     speed = window.n * run.opts.batch_size * run.world / max(time.time() - window.start, 1e-9)
     lr = learning_rate(progress.step, run.opts, run.total_steps)  # that of the next step
-    log_record(run, {"kind": "train", "step": progress.step, "epoch": progress.epoch, **means, "lr": lr,
-                     "items_per_s": speed})
+    log_record(run, {"kind": "train", "step": progress.step, "epoch": epoch_number(progress), "steps": window.n,
+                     **means, "lr": lr, "items_per_s": speed})
     bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}", items_s=f"{speed:.1f}")
 
 
@@ -839,7 +925,8 @@ def train_epoch(run: Run, progress: Progress, stop: _Stop) -> bool:
         if progress.step % opts.log_every == 0 or progress.batch_in_epoch == run.batches_per_epoch:
             log_train(run, progress, window, bar)
             window = LossWindow(run.device)
-        if opts.save_every > 0 and progress.step % opts.save_every == 0:
+        epoch_ends = progress.batch_in_epoch == run.batches_per_epoch  # `train` writes last.pt then
+        if ((opts.save_every > 0 and progress.step % opts.save_every == 0) or progress.save_due) and not epoch_ends:
             save_last(run, progress)
         if stopping or done(run, progress):
             break
@@ -849,7 +936,7 @@ def train_epoch(run: Run, progress: Progress, stop: _Stop) -> bool:
     if not stopping and progress.batch_in_epoch == run.batches_per_epoch:
         # Wall time of this process's share of the epoch (before validation), and the images the frozen
         # encoder ran on, summed over ranks (0 once a feature cache holds every image).
-        log_record(run, {"kind": "epoch", "step": progress.step, "epoch": progress.epoch,
+        log_record(run, {"kind": "epoch", "step": progress.step, "epoch": epoch_number(progress),
                          "epoch_seconds": round(time.time() - epoch_start, 3),
                          "encoded_images": int(all_reduce_sum([encoded], run.device).item())})
     return stopping
@@ -877,7 +964,7 @@ def validate(run: Run, progress: Progress) -> dict | None:
                              progress=opts.progress and run.main_process, desc=f"val {opts.val_split}",
                              scoring=scoring)
     rule = {"no_target_rule": scoring.nt_rule} if scoring.metrics == "gres" else {}
-    log_record(run, {"kind": "eval", "step": progress.step, "epoch": progress.epoch, "split": opts.val_split,
+    log_record(run, {"kind": "eval", "step": progress.step, "epoch": epoch_number(progress), "split": opts.val_split,
                      **metrics, **rule})
     name = val_metric(opts)
     improved = metrics[name] > progress.best  # False for NaN (a split without items)
@@ -885,7 +972,7 @@ def validate(run: Run, progress: Progress) -> dict | None:
         shown = "  ".join(f"{k} {_percent(metrics[k])}" for k in VAL_PRINTED[scoring.metrics])
         counted = f"{metrics['count']} {COUNT_NOUNS[scoring.metrics]}" + (
             f"; no target by the {scoring.nt_rule} rule" if rule else "")
-        print(f"step {progress.step} epoch {progress.epoch}: {opts.val_split} {shown}  ({counted})"
+        print(f"step {progress.step} epoch {epoch_number(progress)}: {opts.val_split} {shown}  ({counted})"
               + ("  new best" if improved else ""))
     if improved:
         progress.best = metrics[name]
@@ -896,6 +983,145 @@ def validate(run: Run, progress: Progress) -> dict | None:
 def _percent(value: float) -> str:
     """A metric (a fraction) in percent with 2 decimals, "-" when undefined (NaN)."""
     return "-" if value != value else f"{100 * value:.2f}"
+
+
+# --- The run folder: one run per folder, one writer at a time, a faithful metrics.jsonl ---
+# A folder holds one run: a new run is refused where another left its files (unless --overwrite), and the
+# running process holds an exclusive lock on <out-dir>/train.lock. The lock is flock(2): the system releases
+# it when the process ends in any way (kill -9 included), so a killed run never blocks its resume; the file
+# stays behind, unlocked, naming the last holder. Under torchrun rank 0 alone holds it.
+# metrics.jsonl is the run's history: every checkpoint stores how many records the file had when it was
+# written, and a resume drops the records written after it (their steps run again), so no step appears
+# twice; each record names the run, the session (1 = the start, + 1 per resume) and the training seconds
+# summed over the sessions.
+
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # what makes a folder hold a run; --overwrite deletes them
+LOCK_FILE = "train.lock"
+
+
+def check_run_folder(out_dir: pathlib.Path, *, resume: str | None, overwrite: bool) -> None:
+    """Refuse to start where another run's files would be overwritten or mixed in.
+
+    Allowed: a folder without RUN_FILES, --overwrite, or resuming a checkpoint that lies in the folder.
+
+    Raises:
+        SystemExit: the folder holds another run; the message says which files and what to do.
+    """
+    present = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if not present or overwrite:
+        return
+    if resume is not None and pathlib.Path(resume).resolve().parent == out_dir.resolve():
+        return
+    to_resume = "--resume auto to continue it, " if "last.pt" in present and resume is None else ""
+    raise SystemExit(f"error: run folder {out_dir} already holds a run ({', '.join(present)}): expected another "
+                     f"--out-dir, {to_resume}or --overwrite to replace it")
+
+
+class RunLock:
+    """An exclusive lock on <out-dir>/train.lock, held from `acquire` to `release` (see the comment above).
+
+    Raises:
+        SystemExit: another process holds it; the message names the holder written in the file.
+    """
+
+    def __init__(self, out_dir: pathlib.Path):
+        self.path, self.file = out_dir / LOCK_FILE, None
+
+    def acquire(self) -> "RunLock":
+        if fcntl is None:
+            print(f"note: no file locking on this system: nothing stops a second training in {self.path.parent}")
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a+")  # not truncated: a refused process still reads the holder
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.release()
+            raise SystemExit(f"error: run folder {self.path.parent} is in use by another training ({holder} holds "
+                             f"{self.path}): expected one training per folder; wait for it to end or pick another "
+                             f"--out-dir") from None
+        self.file.truncate(0)
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self.file.flush()
+        return self
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()  # closing the last descriptor releases the flock
+            self.file = None
+
+
+@dataclass
+class RunLog:
+    """The run id, session and clock of metrics.jsonl's records (see the comment above)."""
+
+    run_id: str  # 12 hex digits, drawn when the run starts, the same in every session
+    session: int = 1
+    records: int = 0  # lines of metrics.jsonl so far
+    seconds: float = 0.0  # training seconds of the earlier sessions, up to the checkpoint this one resumed from
+    started: float = dataclasses.field(default_factory=time.time)
+
+    @classmethod
+    def of(cls, ckpt: dict | None) -> "RunLog":
+        """A new run's log, or the log of the checkpoint resumed (one from before run ids: a new id, session 2)."""
+        if ckpt is None:
+            return cls(run_id=uuid.uuid4().hex[:12])
+        if "log" not in ckpt:
+            return cls(run_id=uuid.uuid4().hex[:12], session=2, records=-1)  # records: unknown
+        log = ckpt["log"]
+        return cls(run_id=log["run_id"], session=log["session"] + 1, records=log["records"], seconds=log["seconds"])
+
+    def now(self) -> float:
+        """Training seconds of the run so far, summed over its sessions."""
+        return self.seconds + time.time() - self.started
+
+    def state(self) -> dict:
+        """What a checkpoint stores."""
+        return {"run_id": self.run_id, "session": self.session, "records": self.records, "seconds": self.now()}
+
+
+def keep_records(path: pathlib.Path, keep: int, step: int) -> tuple[int, int]:
+    """Cut metrics.jsonl back to its first `keep` lines, those written up to the checkpoint (of `step`) that a
+    resume starts from; keep < 0 (a checkpoint from before record counts): the leading records up to that step.
+    The file is rewritten atomically. Returns (lines kept, lines dropped)."""
+    lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
+    if keep < 0:
+        keep = 0
+        while keep < len(lines) and lines[keep].startswith("{") and json.loads(lines[keep]).get("step", 0) <= step:
+            keep += 1
+    keep = min(keep, len(lines))
+    if keep < len(lines):
+        data.atomic_write(path, lambda f: f.write("".join(lines[:keep]).encode()))
+    return keep, len(lines) - keep
+
+
+def claim_run_folder(run: Run, progress: Progress) -> RunLock:
+    """Rank 0, before anything is written: lock the folder, check it again under the lock (a run may have
+    started since `build_run` checked), delete an overwritten run's files, cut metrics.jsonl back to the
+    checkpoint resumed and write this session's "start" record.
+
+    Raises:
+        SystemExit: the folder is locked by another process, or holds another run.
+    """
+    lock = RunLock(run.out_dir).acquire()
+    try:
+        check_run_folder(run.out_dir, resume=run.resumed_from, overwrite=run.opts.overwrite)
+        same_folder = (run.resumed_from is not None
+                       and pathlib.Path(run.resumed_from).resolve().parent == run.out_dir.resolve())
+        if run.opts.overwrite and not same_folder:
+            for name in RUN_FILES:
+                (run.out_dir / name).unlink(missing_ok=True)
+        run.log.records, dropped = keep_records(run.out_dir / "metrics.jsonl", run.log.records if same_folder else 0,
+                                                progress.step)
+        log_record(run, {"kind": "start", "step": progress.step, "epoch": epoch_number(progress),
+                         "resumed_from": run.resumed_from, "dropped_records": dropped, "processes": run.world,
+                         "date": time.strftime("%Y-%m-%d %H:%M:%S")})
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 # --- The loop ---
@@ -913,18 +1139,17 @@ def train(opts: TrainOptions, explicit: dict) -> dict:
     """
     run, progress = build_run(opts, explicit)
     opts = run.opts
-    if run.main_process:
-        run.out_dir.mkdir(parents=True, exist_ok=True)
-    print_banner(run)
-    run.start = time.time()
+    run.log.started = time.time()  # the clock of metrics.jsonl counts training, not building
+    lock = claim_run_folder(run, progress) if run.main_process else None
     stop, previous = _Stop(), {}
-    try:  # signal handlers can only be installed from the main thread
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, stop)
-    except ValueError:
-        previous = {}
     stopping, val_metrics = False, None
     try:
+        print_banner(run)
+        try:  # signal handlers can only be installed from the main thread
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, stop)
+        except ValueError:
+            previous = {}
         while progress.epoch < opts.epochs and not done(run, progress) and not stopping:
             stopping = train_epoch(run, progress, stop)
             if not stopping and progress.batch_in_epoch == run.batches_per_epoch:  # the epoch is complete
@@ -945,14 +1170,18 @@ def train(opts: TrainOptions, explicit: dict) -> dict:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if lock is not None:
+            lock.release()
     name = val_metric(opts)
     return {"step": progress.step, "epoch": progress.epoch, "best_metric": name, "best": progress.best,
             "best_oIoU": progress.best if name == "oIoU" else None, "val": val_metrics,
             "out_dir": str(run.out_dir), "stopped_by": reason}
 
 
+@maris.one_line_errors
 def main(argv: list[str] | None = None) -> dict:
-    """Entry point: `python train.py [options]` (see --help)."""
+    """Entry point: `python train.py [options]` (see --help); bad files and values exit with one line
+    (`maris.one_line_errors`)."""
     opts, explicit = maris.parse_options(TrainOptions, argv, DESCRIPTION)
     try:
         return train(opts, explicit)

@@ -46,7 +46,7 @@ def run(name: str, data_args: list[str], items: int, batch: int, args, work: pat
     common = [*data_args, "--preset", args.preset, "--image-size", str(args.image_size), "--batch-size",
               str(batch), "--sentences-per-image", str(args.sentences_per_image), "--val-split", "",
               "--lr", "1e-4", "--warmup-steps", "1", "--log-every", "1000000", "--workers", str(args.workers),
-              "--device", args.device, "--no-progress"]
+              "--device", args.device, "--no-progress", "--overwrite"]  # a reused --work-dir starts over
     if items:
         common += ["--train-limit", str(items)]
     cache = work / f"{name}-cache"

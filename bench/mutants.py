@@ -170,6 +170,20 @@ MUTANTS = [
     Mutant("evaluate.py", "return {split: {k: 100 * v if k in columns and v is not None else v for k, v in m.items()}",
            "return {split: {k: v for k, v in m.items()}", ("tests/test_evaluate.py",), "across or torchrun",
            "the JSON report in fractions, not percent"),
+    # --- protecting runs, the encoder check, parse-time checks, the prediction API ---
+    Mutant("train.py", "    if not present or overwrite:\n        return\n", "    return\n",
+           ("tests/test_train.py",), "rerun", "a new run overwrites the run in its folder"),
+    Mutant("train.py", "            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)", "            pass",
+           ("tests/test_train.py",), "second_writer", "no lock: two trainings write one folder"),
+    Mutant("train.py", '        data.atomic_write(path, lambda f: f.write("".join(lines[:keep]).encode()))',
+           "        pass", ("tests/test_train.py",), "kill_9", "a resume keeps the records of the steps it runs again"),
+    Mutant("maris.py", "    if problems and not allow_mismatch:", "    if False:",
+           ("tests/test_maris.py", "tests/test_evaluate.py"), "encoder", "other encoder weights are accepted silently"),
+    Mutant("maris.py", "            except ValueError as e:\n                parser.exit(2,",
+           "            except TypeError as e:\n                parser.exit(2,",
+           ("tests/test_train.py", "tests/test_evaluate.py"), "parse_time", "option values are not checked"),
+    Mutant("evaluate.py", "    return data.load_rgb(image, exif_transpose=True)", "    return data.load_rgb(image)",
+           ("tests/test_evaluate.py",), "predict", "predict ignores a photo's EXIF orientation"),
 ]
 
 

@@ -414,16 +414,17 @@ def test_single_image_mode_writes_overlay_and_mask(tiny_checkpoint, tmp_path):
 
 
 def test_evaluate_cli_feature_cache(tiny_checkpoint, tmp_path, monkeypatch):
-    """evaluate.py --feature-cache fills the cache once per image, hashes the encoder weights once per
-    run (not once per split), and scores like the pixel path (fp16 features: equal pair count, oIoU
-    within rounding)."""
+    """evaluate.py --feature-cache fills the cache once per image, hashes each frozen encoder's weights once per
+    run (not once per split: the encoder check and the cache share SAM's), and scores like the pixel path
+    (fp16 features: equal pair count, oIoU within rounding)."""
     common = ["--ckpt", str(tiny_checkpoint), "--split", "val", "--batch-size", "16", "--no-progress",
               "--out-dir", str(tmp_path)]
     plain = evaluate.main(common)["val"]
     hashes, real_hash = [], data.state_dict_sha256
-    monkeypatch.setattr(data, "state_dict_sha256", lambda module: hashes.append(1) or real_hash(module))
+    monkeypatch.setattr(data, "state_dict_sha256", lambda module: hashes.append(type(module).__name__)
+                        or real_hash(module))
     cached = evaluate.main([*common, "--split", "test", "--feature-cache", str(tmp_path / "cache")])["val"]
-    assert len(hashes) == 1
+    assert sorted(hashes) == ["CLIPTextEncoder", "ImageEncoderViT"]
     again = evaluate.main([*common, "--feature-cache", str(tmp_path / "cache")])["val"]
     images = set(data.ShapesDataset("val", image_size=64).image_ids)
     assert len(list((tmp_path / "cache" / "shapes-val-seed0").glob("*.npy"))) == len(images)
@@ -1164,7 +1165,6 @@ def test_cli_no_target_rule_follows_the_checkpoint(gres_checkpoint, tiny_checkpo
     (["--dataset", "shapes-gres", "--nt-rule", "head"], "--nt-\\*: the head no-target rule needs a model with a "
                                                         "no-target head"),
     (["--nt-min-pixels", "3"], "--nt-min-pixels: shapes has no no-target expressions"),
-    (["--dataset", "shapes-gres", "--nt-threshold", "1.5"], "nt_threshold must be in \\(0, 1\\)"),
 ])
 def test_cli_no_target_options_are_checked(tiny_checkpoint, tmp_path, monkeypatch, args, message):
     """--nt-rule head on a checkpoint without the head, --nt-* on a dataset without no-target expressions and
@@ -1223,3 +1223,173 @@ def test_cli_scores_a_checkpoint_on_phrasecut_across_datasets(context12_checkpoi
     with pytest.raises(SystemExit, match="--eval-size: PhraseCut is scored at the original image size"):
         evaluate.main(["--ckpt", str(context12_checkpoint), "--dataset", "phrasecut", "--data-root", str(root),
                        "--split", "test", "--eval-size", "32", "--out-dir", str(tmp_path / "e")])
+
+
+# --- Bad input: one-line errors before anything is written; the encoder check ---
+
+@pytest.mark.parametrize("flag,value", [("--threshold", "0"), ("--threshold", "1"), ("--threshold", "nan"),
+                                        ("--batch-size", "0"), ("--workers", "-1"), ("--eval-size", "0"),
+                                        ("--vis", "-2"), ("--text", ""), ("--text", "   "), ("--out", "overlay"),
+                                        ("--out", "overlay.txt"), ("--mask-out", "mask.npy"),
+                                        ("--device", "gpu"), ("--device", "cuda"), ("--nt-threshold", "1.5"),
+                                        ("--nt-threshold", "0"), ("--nt-min-pixels", "0")])
+def test_bad_option_values_fail_at_parse_time_in_one_line(flag, value, tmp_path, capsys):
+    """An unusable option value exits (code 2) with one line `error: <flag> <value>: expected ...` before the
+    checkpoint is even read."""
+    if value == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--ckpt", str(tmp_path / "not-read.pt"), "--image", "x.png", "--text", "x", flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.startswith(f"error: {flag} ") and "expected" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 cut", "random"], ids=["empty", "cut", "random"])
+def test_bad_checkpoint_file_is_one_line(content, tmp_path):
+    """An empty, cut-short or random-bytes --ckpt exits with one line naming the file and what was expected."""
+    path = tmp_path / "bad.pt"
+    path.write_bytes(np.random.default_rng(0).bytes(3000) if content == "random" else content)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--ckpt", str(path), "--out-dir", str(tmp_path / "out")])
+    message = str(e.value.code)
+    assert message.startswith(f"error: checkpoint {path} ") and message.endswith("written by train.py")
+    assert "\n" not in message and not (tmp_path / "out").exists()
+
+
+def test_script_prints_one_line_and_no_traceback(tiny_checkpoint, tmp_path):
+    """`python evaluate.py --image <a text file>` prints one `error:` line on stderr, no traceback, exit 1."""
+    import pathlib
+    import subprocess
+    import sys
+    notes = tmp_path / "notes.jpg"
+    notes.write_text("not a picture")
+    root = pathlib.Path(evaluate.__file__).resolve().parent
+    proc = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(tiny_checkpoint), "--image", str(notes),
+                           "--text", "the dog"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"error: image {notes} is corrupt") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_non_image_file_fails_before_the_model_is_built(tiny_checkpoint, tmp_path, monkeypatch):
+    """--image naming a file that is no picture exits with one line naming it; no model is built, nothing written."""
+    monkeypatch.setattr(maris, "model_from_checkpoint", lambda *a, **k: pytest.fail("the model was built"))
+    notes = tmp_path / "notes.png"
+    notes.write_text("not a picture")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--ckpt", str(tiny_checkpoint), "--image", str(notes), "--text", "the dog",
+                       "--out", str(tmp_path / "out" / "o.png")])
+    assert str(e.value.code).startswith(f"error: image {notes} is corrupt or not an image")
+    assert "expected a picture file" in str(e.value.code)
+    assert not (tmp_path / "out").exists()
+
+
+def _perturbed_clip(tiny_checkpoint, path, noise=0.01):
+    """The tiny checkpoint's (random, seeded) CLIP text tower saved as a weight file, perturbed by `noise`."""
+    model = maris.model_from_checkpoint(maris.read_checkpoint(tiny_checkpoint))
+    torch.save({k: v + noise * torch.randn_like(v) for k, v in model.text_encoder.state_dict().items()}, path)
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:MARIS. RANDOM weights")
+def test_other_encoder_weights_are_refused_or_recorded(tiny_checkpoint, tmp_path):
+    """--clip-checkpoint with other weights than the model was trained with stops with one line; with
+    --allow-encoder-mismatch it scores, warns, and the JSON records each encoder's file, hashes and match."""
+    other = _perturbed_clip(tiny_checkpoint, tmp_path / "other_clip.pt")
+    common = ["--ckpt", str(tiny_checkpoint), "--split", "val", "--batch-size", "32", "--no-progress",
+              "--out-dir", str(tmp_path), "--clip-checkpoint", str(other)]
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(common)
+    assert f"--clip-checkpoint {other} holds other CLIP text tower weights" in str(e.value.code)
+    assert not list(tmp_path.glob("eval_*.json"))
+    with pytest.warns(maris.EncoderCheckWarning, match="ENCODER MISMATCH"):
+        evaluate.main([*common, "--allow-encoder-mismatch"])
+    encoders = json.loads((tmp_path / "eval_shapes.json").read_text())["encoders"]
+    trained = torch.load(tiny_checkpoint, weights_only=True)["encoders"]
+    assert encoders["clip"]["file"] == str(other) and encoders["clip"]["match"] is False
+    assert encoders["clip"]["trained_sha256"] == trained["clip"]["sha256"] != encoders["clip"]["sha256"]
+    assert encoders["sam"]["match"] is True and encoders["sam"]["file"] is None
+
+
+@pytest.mark.filterwarnings("ignore:MARIS. RANDOM weights")
+def test_checkpoint_without_hashes_warns_that_it_cannot_be_checked(tiny_checkpoint, tmp_path):
+    """A checkpoint from before encoder hashes were stored is scored with a warning; the JSON says unknown (null)."""
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    del ckpt["encoders"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    with pytest.warns(maris.EncoderCheckWarning, match="cannot be checked"):
+        evaluate.main(["--ckpt", str(tmp_path / "old.pt"), "--split", "val", "--batch-size", "32", "--no-progress"])
+    encoders = json.loads((tmp_path / "eval_shapes.json").read_text())["encoders"]
+    assert encoders["sam"]["match"] is None and encoders["clip"]["trained_sha256"] is None
+
+
+# --- The prediction API: maris.load + evaluate.predict ---
+
+@pytest.fixture(scope="module")
+def loaded(tiny_checkpoint):
+    return maris.load(tiny_checkpoint)
+
+
+def _photo(h=45, w=70, seed=0):
+    return np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
+
+
+def test_predict_returns_a_bool_mask_at_the_image_size_for_every_input_kind(loaded, tmp_path):
+    """predict gives a bool (H, W) numpy mask at the picture's size, the same for a path, a PIL image and an
+    array; an EXIF-tagged path is segmented upright."""
+    pixels = _photo()
+    Image.fromarray(pixels).save(tmp_path / "photo.png")
+    masks = [evaluate.predict(loaded, source, "the red circle")
+             for source in (tmp_path / "photo.png", str(tmp_path / "photo.png"), Image.fromarray(pixels), pixels)]
+    assert all(m.dtype == np.bool_ and m.shape == (45, 70) for m in masks)
+    assert all(np.array_equal(m, masks[0]) for m in masks) and 0 < masks[0].sum() < masks[0].size
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate: the upright photo is 45 wide, 70 high
+    Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif.tobytes())
+    assert evaluate.predict(loaded, tmp_path / "phone.jpg", "the red circle").shape == (70, 45)
+
+
+def test_predict_encodes_the_image_once_for_a_list_of_expressions(loaded):
+    """A list of expressions runs SAM's image encoder once (one image) and gives, in order, the masks that
+    each expression alone gives."""
+    texts = ["the red circle", "the small blue square on the left", "the green triangle", "the large one"]
+    calls = []
+    # patch_embed runs once per encoder pass (sam_encoder_taps walks the blocks, not the encoder's forward)
+    handle = loaded.image_encoder.patch_embed.register_forward_hook(
+        lambda module, args, out: calls.append(args[0].shape[0]))
+    try:
+        together = evaluate.predict(loaded, _photo(), texts, batch_size=3)
+    finally:
+        handle.remove()
+    assert calls == [1]
+    alone = [evaluate.predict(loaded, _photo(), t) for t in texts]
+    assert isinstance(together, list) and len(together) == len(texts)
+    assert all(np.array_equal(a, b) for a, b in zip(together, alone))
+    assert len({m.tobytes() for m in alone}) > 1  # the expressions really give different masks
+
+
+def test_predict_rejects_bad_input_with_clear_errors(loaded, tmp_path):
+    """Empty expressions, wrong image arrays or types, a bad threshold and a non-image file raise clear errors."""
+    with pytest.raises(ValueError, match="expression #1 is empty"):
+        evaluate.predict(loaded, _photo(), ["the dog", " "])
+    with pytest.raises(ValueError, match=r"expected an \(H, W, 3\) uint8 RGB array"):
+        evaluate.predict(loaded, _photo().astype(np.float32), "the dog")
+    with pytest.raises(TypeError, match="expected a file path, a PIL image"):
+        evaluate.predict(loaded, [[0]], "the dog")
+    with pytest.raises(TypeError, match="non-empty list"):
+        evaluate.predict(loaded, _photo(), [])
+    with pytest.raises(ValueError, match="threshold 1.5"):
+        evaluate.predict(loaded, _photo(), "the dog", threshold=1.5)
+    (tmp_path / "x.jpg").write_text("text")
+    with pytest.raises(ValueError, match="x.jpg is corrupt or not an image"):
+        evaluate.predict(loaded, tmp_path / "x.jpg", "the dog")
+
+
+def test_single_image_mode_writes_what_predict_returns(tiny_checkpoint, loaded, tmp_path):
+    """evaluate.py --image/--text writes the mask that maris.load + predict give for the same photo."""
+    Image.fromarray(_photo(seed=3)).save(tmp_path / "photo.png")
+    evaluate.main(["--ckpt", str(tiny_checkpoint), "--image", str(tmp_path / "photo.png"), "--text",
+                   "the red circle", "--out", str(tmp_path / "o.png")])
+    with Image.open(tmp_path / "o_mask.png") as written:
+        expected = evaluate.predict(loaded, tmp_path / "photo.png", "the red circle")
+        assert np.array_equal(np.asarray(written) > 0, expected)

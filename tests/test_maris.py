@@ -1852,3 +1852,150 @@ def test_main_shape_trace_skips_modules_an_ablation_leaves_out():
     names = [name for name, _ in maris.trace_shapes(model, make_images(1, 32), ids, wm)]
     assert not any(n.startswith(("feature_enhancement", "maa_blocks")) for n in names)
     assert names[-1] == "predict (probabilities)"
+
+# --- Loading a trained model: checkpoint files, encoder hashes, maris.load, one-line errors ------------
+
+def write_trained_checkpoint(path, model: maris.MARIS, **extra) -> dict:
+    """A minimal train.py-style checkpoint of `model` (random encoders, no weight files), saved at `path`."""
+    hashes = maris.encoder_hashes(model)
+    ckpt = {"config": maris.config_to_dict(model.cfg), "options": {"sam_checkpoint": None, "clip_checkpoint": None},
+            "model": model.trainable_state_dict(), "step": 1,
+            "encoders": {name: {"file": None, "sha256": h} for name, h in hashes.items()}, **extra}
+    torch.save(ckpt, path)
+    return ckpt
+
+
+def clip_file(path, model: maris.MARIS, noise: float = 0.0) -> pathlib.Path:
+    """The model's CLIP text tower saved under OpenAI's names, optionally perturbed."""
+    state = {k: v + noise * torch.randn_like(v) if v.is_floating_point() else v
+             for k, v in model.text_encoder.state_dict().items()}
+    torch.save(state, path)
+    return path
+
+
+def test_read_checkpoint_names_empty_cut_and_foreign_files(tmp_path):
+    """Empty, cut-short, random-bytes and pickled-object files each give a ValueError naming the file, what is
+    wrong and what was expected, and never weights_only's advice to load unsafely."""
+    good = tmp_path / "good.pt"
+    write_trained_checkpoint(good, tiny_model())
+    raw = good.read_bytes()
+    cases = {"empty.pt": (b"", "is empty"), "cut.pt": (raw[: len(raw) // 2], "not a complete torch file"),
+             "random.pt": (os.urandom(4096), "not a complete torch file")}
+    for name, (content, problem) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError) as e:
+            maris.read_checkpoint(tmp_path / name)
+        text = str(e.value)
+        assert name in text and problem in text and "expected a last.pt or best.pt written by train.py" in text
+        assert "weights_only" not in text and "\n" not in text
+    torch.save({"config": functools.partial(print)}, tmp_path / "objects.pt")
+    with pytest.raises(ValueError, match="objects.pt holds Python objects other than tensors"):
+        maris.read_checkpoint(tmp_path / "objects.pt")
+    assert maris.read_checkpoint(good)["step"] == 1
+
+
+def test_bad_encoder_files_say_what_is_wrong_without_unsafe_advice(tmp_path):
+    """An empty or random-bytes SAM / CLIP weight file is named with its problem, without the advice to
+    load with weights_only=False."""
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "random.pth").write_bytes(os.urandom(4096))
+    for loader in (maris.load_sam_checkpoint, maris.load_clip_text):
+        with pytest.raises(ValueError, match=r"empty.pth is empty \(0 bytes\)"):
+            loader(fresh_tiny(), tmp_path / "empty.pth")
+        with pytest.raises(ValueError) as e:
+            loader(fresh_tiny(), tmp_path / "random.pth")
+        assert "random.pth is not a readable weight file" in str(e.value) and "weights_only" not in str(e.value)
+
+
+def test_encoder_check_accepts_the_trained_encoders_and_reports_them(tmp_path):
+    """A model rebuilt with the encoders it was trained with passes; the report holds files and hashes."""
+    ckpt = write_trained_checkpoint(tmp_path / "m.pt", tiny_model())
+    model = maris.model_from_checkpoint(ckpt)
+    report = maris.check_encoders(ckpt, model)
+    assert set(report) == {"sam", "clip"}
+    for name, entry in report.items():
+        assert entry["match"] is True and entry["file"] is None
+        assert entry["sha256"] == entry["trained_sha256"] == ckpt["encoders"][name]["sha256"]
+
+
+def test_encoder_check_refuses_other_weights_and_never_claims_the_override_was_trained(tmp_path):
+    """Other CLIP weights than the trained ones raise EncoderMismatchError naming the user's file as an
+    override and the trained encoder ("random weights") as what it was trained with; allowed, a warning."""
+    model = tiny_model()
+    ckpt = write_trained_checkpoint(tmp_path / "m.pt", model)
+    other = clip_file(tmp_path / "other_clip.pt", model, noise=0.01)
+    rebuilt = maris.model_from_checkpoint(ckpt, clip_checkpoint=other)
+    with pytest.raises(maris.EncoderMismatchError) as e:
+        maris.check_encoders(ckpt, rebuilt, source="m.pt", clip_checkpoint=other)
+    text = str(e.value)
+    assert f"--clip-checkpoint {other} holds other CLIP text tower weights" in text
+    assert "trained with (random weights" in text and f"trained with {other}" not in text
+    assert "SAM" not in text  # the SAM encoder matches
+    with pytest.warns(maris.EncoderCheckWarning, match="ENCODER MISMATCH"):
+        report = maris.check_encoders(ckpt, rebuilt, clip_checkpoint=other, allow_mismatch=True)
+    assert report["clip"]["match"] is False and report["clip"]["file"] == str(other)
+    assert report["sam"]["match"] is True
+    # The same weights under another path pass: the hash is of the weights, not of the file name.
+    same = clip_file(tmp_path / "same_clip.pt", model)
+    assert maris.check_encoders(ckpt, maris.model_from_checkpoint(ckpt, clip_checkpoint=same),
+                                clip_checkpoint=same)["clip"]["match"] is True
+
+
+def test_encoder_check_warns_for_a_checkpoint_without_hashes(tmp_path):
+    """A checkpoint written before hashes were stored loads with a warning that the encoders cannot be checked."""
+    ckpt = write_trained_checkpoint(tmp_path / "m.pt", tiny_model())
+    del ckpt["encoders"]
+    with pytest.warns(maris.EncoderCheckWarning, match="cannot be checked"):
+        report = maris.check_encoders(ckpt, maris.model_from_checkpoint(ckpt))
+    assert report["sam"]["match"] is None and report["sam"]["trained_sha256"] is None
+
+
+def test_load_builds_the_trained_model_and_checks_its_encoders(tmp_path):
+    """maris.load gives the checkpoint's model in eval mode with its weights and precision; other encoder
+    weights are refused unless allowed; an unknown or absent device is a ValueError."""
+    model = fresh_tiny()
+    with torch.no_grad():
+        model.word_pos.add_(1.0)  # a "trained" weight that differs from the seeded build
+    write_trained_checkpoint(tmp_path / "m.pt", model)
+    loaded = maris.load(tmp_path / "m.pt", device="cpu")
+    assert not loaded.training and loaded.precision == "fp32"
+    assert torch.equal(loaded.word_pos, model.word_pos)
+    other = clip_file(tmp_path / "other.pt", model, noise=0.01)
+    with pytest.raises(maris.EncoderMismatchError):
+        maris.load(tmp_path / "m.pt", clip_checkpoint=other)
+    with pytest.warns(maris.EncoderCheckWarning):
+        maris.load(tmp_path / "m.pt", clip_checkpoint=other, allow_encoder_mismatch=True)
+    with pytest.raises(FileNotFoundError, match="--clip-checkpoint .*absent.pt does not exist"):
+        maris.load(tmp_path / "m.pt", clip_checkpoint=tmp_path / "absent.pt")
+    with pytest.raises(ValueError, match="device nonsense: expected auto, cpu, cuda or cuda:N"):
+        maris.load(tmp_path / "m.pt", device="nonsense")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device cuda: CUDA is not available on this machine"):
+            maris.load(tmp_path / "m.pt", device="cuda")
+
+
+def test_one_line_errors_turn_user_errors_into_one_line_and_keep_bugs(monkeypatch):
+    """The script wrapper prints a ValueError / KeyError / OSError as one `error:` line (SystemExit 1),
+    keeps the traceback of other exceptions, and keeps every traceback with MARIS_DEBUG=1."""
+    import errno
+
+    def failing(error):
+        @maris.one_line_errors
+        def main(argv=None):
+            raise error
+        return main
+
+    monkeypatch.delenv(maris.DEBUG_ENV, raising=False)
+    cases = [(ValueError("checkpoint x.pt is empty:\nexpected y"), "error: checkpoint x.pt is empty: expected y"),
+             (KeyError("SAM checkpoint s.pth lacks 'a'"), "error: SAM checkpoint s.pth lacks 'a'"),
+             (OSError(errno.ENOSPC, "No space left on device", "runs/x/last.pt"),
+              "error: runs/x/last.pt: No space left on device")]
+    for error, line in cases:
+        with pytest.raises(SystemExit) as e:
+            failing(error)()
+        assert e.value.code == line
+    with pytest.raises(RuntimeError):
+        failing(RuntimeError("a bug"))()
+    monkeypatch.setenv(maris.DEBUG_ENV, "1")
+    with pytest.raises(ValueError):
+        failing(ValueError("shown with its traceback"))()

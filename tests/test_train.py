@@ -209,7 +209,7 @@ def test_checkpoint_is_self_describing(refer_root, tmp_path, monkeypatch):
     assert set(model.trainable_state_dict()) == set(ckpt["model"])
     assert (out / "best.pt").is_file()
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {x["kind"] for x in lines} == {"train", "eval"}
+    assert {x["kind"] for x in lines} == {"start", "train", "eval"}
 
 
 @pytest.mark.parametrize("addons", [False, True])
@@ -583,13 +583,13 @@ def count_encoder_images(monkeypatch) -> list:
 
 def test_feature_cache_second_epoch_runs_no_encoder(tmp_path, monkeypatch):
     """With --feature-cache, epoch 1 encodes each image once (train and validation), epoch 2 and its
-    validation run SAM's encoder zero times, the encoder weights are hashed once for the whole run
-    (not once per cache opened), and the losses stay finite."""
+    validation run SAM's encoder zero times, each frozen encoder's weights are hashed once for the whole run
+    (not once per cache opened: the checkpoints' record and the cache share SAM's), and the losses stay finite."""
     calls = count_encoder_images(monkeypatch)
     hashes, real_hash = [], data.state_dict_sha256
 
     def counted_hash(module):
-        hashes.append(1)
+        hashes.append(type(module).__name__)
         return real_hash(module)
 
     monkeypatch.setattr(data, "state_dict_sha256", counted_hash)
@@ -605,7 +605,7 @@ def test_feature_cache_second_epoch_runs_no_encoder(tmp_path, monkeypatch):
     assert len(list((cache / "shapes-val-seed0").glob("*.npy"))) == val_images
     assert all(np.isfinite(x["loss"]) for x in log_records(out, "train"))
     assert len(log_records(out, "eval")) == 2
-    assert len(hashes) == 1
+    assert sorted(hashes) == ["CLIPTextEncoder", "ImageEncoderViT"]
 
 
 def test_feature_cache_on_refcoco_shares_coco_images(refer_root, tmp_path):
@@ -803,7 +803,7 @@ def test_refcoco_training_is_bit_identical_to_the_code_before_the_no_target_head
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     logged = [log_records(tmp_path / run, "train") for run in ("now", "before")]
-    drop = ("seconds", "items_per_s")
+    drop = ("seconds", "items_per_s", "run")  # run: a random id per run
     assert [{k: v for k, v in x.items() if k not in drop} for x in logged[0]] == \
         [{k: v for k, v in x.items() if k not in drop} for x in logged[1]]
     assert all("no_target" not in x for x in logged[0])
@@ -1029,3 +1029,220 @@ def test_phrasecut_trains_and_keeps_the_best_miou(tmp_path, capsys):
     ckpt = torch.load(out / "best.pt", weights_only=True)
     assert ckpt["config"]["no_target_weight"] == 0.0 and ckpt["best_metric"] == "mIoU"
     assert all("no_target" not in x for x in log_records(out, "train"))
+# --- protecting runs: one run per folder, one writer, periodic last.pt, a faithful metrics.jsonl ---
+
+def all_records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def quick_args(root, out, *extra):
+    """A short run on the refer-layout fixture without validation (6 steps per epoch)."""
+    return refer_args(root, out, "--val-split", "", *extra)
+
+
+def test_rerun_into_a_run_folder_is_refused_and_overwrite_replaces_it(refer_root, tmp_path):
+    """A new run into a folder that holds one stops before writing anything; --resume auto continues it;
+    --overwrite starts over: the old files are gone and metrics.jsonl holds only the new run."""
+    out = tmp_path / "run"
+    train.main(quick_args(refer_root, out, "--max-steps", "1"))
+    before = {name: (out / name).read_bytes() for name in ("last.pt", "metrics.jsonl")}
+    with pytest.raises(SystemExit) as e:
+        train.main(quick_args(refer_root, out, "--max-steps", "2"))
+    assert str(e.value) == (f"error: run folder {out} already holds a run (last.pt, metrics.jsonl): expected "
+                            f"another --out-dir, --resume auto to continue it, or --overwrite to replace it")
+    assert {name: (out / name).read_bytes() for name in before} == before
+    (out / "best.pt").write_bytes(b"an old run's best")
+    result = train.main(quick_args(refer_root, out, "--max-steps", "2", "--overwrite"))
+    assert result["step"] == 2 and not (out / "best.pt").exists()  # no validation: nothing re-creates it
+    records = all_records(out)
+    assert len({r["run"] for r in records}) == 1 and [r["step"] for r in records if r["kind"] == "train"] == [1, 2]
+    assert train.main(["--resume", "auto", "--out-dir", str(out), "--max-steps", "3", "--no-progress"])["step"] == 3
+
+
+def test_second_writer_is_refused_while_the_first_holds_the_lock(refer_root, tmp_path, monkeypatch):
+    """While a training runs, a second one into its folder (even with --overwrite) is refused with a message
+    naming the holder's process; once the first ends the folder is free."""
+    out = tmp_path / "run"
+    real, refused = maris.segmentation_loss, []
+
+    def loss_and_second_writer(*args, **kwargs):
+        if not refused:
+            with pytest.raises(SystemExit) as e:
+                train.main(quick_args(refer_root, out, "--max-steps", "1", "--overwrite"))
+            refused.append(str(e.value))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(maris, "segmentation_loss", loss_and_second_writer)
+    assert train.main(quick_args(refer_root, out, "--max-steps", "2"))["step"] == 2
+    holder = (out / "train.lock").read_text().strip()
+    assert holder.startswith(f"pid {os.getpid()} on ")
+    assert refused == [f"error: run folder {out} is in use by another training ({holder} holds {out / 'train.lock'}): "
+                       f"expected one training per folder; wait for it to end or pick another --out-dir"]
+    monkeypatch.undo()
+    assert train.main(["--resume", "auto", "--out-dir", str(out), "--max-steps", "3", "--no-progress"])["step"] == 3
+
+
+def _complete_records(out) -> list[dict]:
+    """metrics.jsonl's complete lines (a process stopped mid-write may leave a partial last line)."""
+    text = (out / "metrics.jsonl").read_text() if (out / "metrics.jsonl").exists() else ""
+    return [json.loads(line) for line in text.split("\n")[:-1]]
+
+
+def test_kill_9_loses_at_most_the_save_interval_and_the_log_stays_faithful(refer_root, tmp_path, capsys):
+    """A run killed with SIGKILL mid-epoch, after --save-minutes passed and more steps were logged, resumes from
+    the step of its time-based save despite the lock its process held; metrics.jsonl then has each step once
+    per kind, non-decreasing seconds, one run id and two sessions: the records after the checkpoint dropped."""
+    import time
+    out = tmp_path / "run"
+    # 6 steps per epoch; last.pt every 0.12 s of training (--save-minutes 0.002), also mid-epoch.
+    args = quick_args(refer_root, out, "--epochs", "1000", "--save-minutes", "0.002")
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    saved = None
+    try:
+        deadline = time.time() + 120
+        while saved is None and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+            proc.send_signal(signal.SIGSTOP)  # freeze it, look, then kill it or let it go on
+            logged = [r["step"] for r in _complete_records(out) if r["kind"] == "train"]
+            step = torch.load(out / "last.pt", weights_only=True)["step"] if (out / "last.pt").exists() else 0
+            if step % 6 and logged and logged[-1] > step:  # a mid-epoch (time-based) save, steps logged after it
+                proc.send_signal(signal.SIGKILL)
+                saved = step
+            else:
+                proc.send_signal(signal.SIGCONT)
+        proc.wait(timeout=60)
+        assert saved is not None, proc.stderr.read()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    assert (out / "train.lock").is_file()  # the killed process's lock file is left behind
+    killed_records = len(_complete_records(out))
+    capsys.readouterr()
+    result = train.main(["--resume", "auto", "--out-dir", str(out), "--max-steps", str(saved + 3), "--no-progress"])
+    assert f"resumed from {out / 'last.pt'}: step {saved}," in capsys.readouterr().out
+    assert result["step"] == saved + 3
+    records = all_records(out)
+    for kind in ("train", "epoch", "start"):
+        steps = [r["step"] for r in records if r["kind"] == kind]
+        assert steps == sorted(set(steps)), kind  # strictly increasing: no step twice
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, saved + 4))
+    seconds = [r["seconds"] for r in records]
+    assert seconds == sorted(seconds)
+    assert len({r["run"] for r in records}) == 1
+    assert [r["session"] for r in records] == sorted(r["session"] for r in records)
+    starts = [r for r in records if r["kind"] == "start"]
+    assert [(s["session"], s["step"], s["resumed_from"]) for s in starts] == [(1, 0, None),
+                                                                           (2, saved, str(out / "last.pt"))]
+    kept = sum(r["session"] == 1 for r in records)
+    assert starts[1]["dropped_records"] >= killed_records - kept >= 1
+    assert all(r["step"] <= saved for r in records if r["session"] == 1)
+
+
+def test_a_lock_file_of_a_dead_process_does_not_block(refer_root, tmp_path):
+    """A train.lock left behind (its flock released with the process) neither blocks a resume nor a new run."""
+    out = tmp_path / "run"
+    train.main(quick_args(refer_root, out, "--max-steps", "1"))
+    (out / "train.lock").write_text("pid 999999999 on elsewhere since 2020-01-01 00:00:00\n")
+    assert train.main(["--resume", "auto", "--out-dir", str(out), "--max-steps", "2", "--no-progress"])["step"] == 2
+    assert f"pid {os.getpid()}" in (out / "train.lock").read_text()
+
+
+def test_one_epoch_convention_for_every_record(refer_root, tmp_path):
+    """train, epoch and eval records of a step carry the same 1-based epoch: the last step of epoch e says e."""
+    out = tmp_path / "run"
+    train.main(refer_args(refer_root, out, "--epochs", "2", "--log-every", "3"))
+    by_step = {}
+    for r in all_records(out):
+        by_step.setdefault(r["step"], set()).add(r["epoch"])
+    assert by_step == {0: {0}, 3: {1}, 6: {1}, 9: {2}, 12: {2}}  # 6 steps per epoch
+    assert [r["kind"] for r in all_records(out) if r["step"] == 6] == ["train", "epoch", "eval"]
+
+
+def test_resumed_finished_run_does_not_score_its_last_step_again(refer_root, tmp_path):
+    """Resuming a finished run (nothing left to train) adds no second eval record of the same step."""
+    out = tmp_path / "run"
+    train.main(refer_args(refer_root, out, "--epochs", "1"))
+    train.main(["--resume", "auto", "--out-dir", str(out), "--no-progress"])
+    assert [r["step"] for r in all_records(out) if r["kind"] == "eval"] == [6]
+
+
+@pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--epochs", "0"), ("--epochs", "-1"),
+                                        ("--max-steps", "-1"), ("--workers", "-2"), ("--lr", "0"), ("--lr", "inf"),
+                                        ("--mask-ratio", "0"), ("--mask-ratio", "1.5"), ("--grad-clip", "-1"),
+                                        ("--log-every", "0"), ("--save-minutes", "-1"), ("--seed", "-1"),
+                                        ("--image-size", "0"), ("--sentences-per-image", "0"),
+                                        ("--device", "tpu:x"), ("--device", "cuda")])
+def test_bad_option_values_fail_at_parse_time_in_one_line(flag, value, tmp_path, capsys):
+    """An unusable option value exits (code 2) with `error: <flag> <value>: expected ...` and writes nothing."""
+    if value == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--out-dir", str(tmp_path / "run"), flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: {flag} ") and ": expected " in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 cut", "random"], ids=["empty", "cut", "random"])
+def test_bad_resume_checkpoint_is_one_line(content, tmp_path):
+    """An empty, cut-short or random-bytes --resume file exits with one line naming it; nothing is written."""
+    path = tmp_path / "bad.pt"
+    path.write_bytes(np.random.default_rng(0).bytes(3000) if content == "random" else content)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(path), "--out-dir", str(tmp_path / "run")])
+    assert str(e.value.code).startswith(f"error: checkpoint {path} ") and "\n" not in str(e.value.code)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag,what", [("--sam-checkpoint", "SAM"), ("--clip-checkpoint", "CLIP")])
+def test_bad_encoder_file_is_one_line(flag, what, refer_root, tmp_path):
+    """A --sam-checkpoint / --clip-checkpoint that is no weight file exits with one line naming it."""
+    bad = tmp_path / "weights.pth"
+    bad.write_bytes(np.random.default_rng(0).bytes(3000))
+    with pytest.raises(SystemExit) as e:
+        train.main(quick_args(refer_root, tmp_path / "run", "--max-steps", "1", flag, str(bad)))
+    assert str(e.value.code).startswith(f"error: {what} checkpoint {bad} is not a readable weight file")
+    assert "weights_only" not in str(e.value.code) and not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_disk_full_while_saving_names_the_cause_and_keeps_the_previous_checkpoint(refer_root, tmp_path,
+                                                                                    monkeypatch):
+    """A save that hits a full disk (ENOSPC) stops with one line naming the file and the cause; the previous
+    last.pt stays intact and no temporary file is left."""
+    import errno
+    real, calls = torch.save, []
+
+    def save_until_disk_full(obj, f):
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"part of a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(obj, f)
+
+    monkeypatch.setattr(torch, "save", save_until_disk_full)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train.main(quick_args(refer_root, out, "--max-steps", "3", "--save-every", "1"))
+    assert str(e.value.code) == (f"error: cannot write checkpoint {out / 'last.pt'}: No space left on device "
+                                 f"(errno 28); the previous last.pt is intact")
+    monkeypatch.undo()
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 1
+    assert sorted(p.name for p in out.iterdir()) == ["last.pt", "metrics.jsonl", "train.lock"]
+
+
+def test_checkpoint_records_the_encoder_hashes_and_resume_checks_them(refer_root, tmp_path):
+    """last.pt holds each frozen encoder's file (None: random) and weight sha256; resuming with other CLIP
+    weights is refused in one line naming the file as an override."""
+    out = tmp_path / "run"
+    train.main(quick_args(refer_root, out, "--max-steps", "1"))
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    model = maris.build_model(ckpt["config"])  # the seeded build: the run's random encoders
+    assert ckpt["encoders"] == {"sam": {"file": None, "sha256": data.state_dict_sha256(model.image_encoder)},
+                                "clip": {"file": None, "sha256": data.state_dict_sha256(model.text_encoder)}}
+    other = tmp_path / "clip.pt"
+    torch.save({k: v + 0.01 for k, v in model.text_encoder.state_dict().items()}, other)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", "auto", "--out-dir", str(out), "--clip-checkpoint", str(other), "--no-progress"])
+    assert f"--clip-checkpoint {other} holds other CLIP text tower weights" in str(e.value.code)
