@@ -1393,3 +1393,47 @@ def test_single_image_mode_writes_what_predict_returns(tiny_checkpoint, loaded, 
     with Image.open(tmp_path / "o_mask.png") as written:
         expected = evaluate.predict(loaded, tmp_path / "photo.png", "the red circle")
         assert np.array_equal(np.asarray(written) > 0, expected)
+
+
+def _single_image(ckpt, tmp_path, capsys, *extra) -> tuple[dict, str]:
+    """Run single-image mode on a seeded photo; returns main's result and what it printed."""
+    Image.fromarray(_photo(seed=4)).save(tmp_path / "photo.png")
+    result = evaluate.main(["--ckpt", str(ckpt), "--image", str(tmp_path / "photo.png"), "--text",
+                            "the purple star", "--out", str(tmp_path / "o.png"), *extra])
+    return result, capsys.readouterr().out
+
+
+def test_single_image_mode_prints_the_head_no_target_decision(gres_checkpoint, tmp_path, capsys, monkeypatch):
+    """With a no-target head, --image/--text prints the head's sigmoid and the decision, which flips with
+    --nt-threshold on either side of it; the overlay's legend names the decision."""
+    drawn, draw = [], evaluate.draw_overlay
+    monkeypatch.setattr(evaluate, "draw_overlay", lambda *a, **kw: drawn.append(kw.get("pred_no_target")) or
+                        draw(*a, **kw))
+    model = maris.load(gres_checkpoint)
+    pixels, _ = data.transform_image(Image.fromarray(_photo(seed=4)), model.cfg.image_size)
+    ids, wm = data.tokenize(["the purple star"], model.cfg.context_length)
+    with torch.no_grad():
+        p = torch.sigmoid(model.forward_features(ids, wm, images=pixels[None])["no_target_logit"][0]).item()
+    result, printed = _single_image(gres_checkpoint, tmp_path, capsys)
+    assert f"sigmoid(logit) = {p:.3f}" in printed and "no-target head" in printed
+    assert result["no_target"] == (p > 0.5) and f"no target: {'yes' if p > 0.5 else 'no'}" in printed
+    for threshold, decided in ((max(p - 0.01, 0.001), True), (min(p + 0.01, 0.999), False)):
+        result, printed = _single_image(gres_checkpoint, tmp_path, capsys, "--nt-threshold", str(threshold))
+        assert result["no_target"] is decided and f"no target: {'yes' if decided else 'no'}" in printed
+    assert drawn == [p > 0.5, True, False]
+
+
+def test_single_image_mode_prints_the_empty_mask_decision_on_a_gres_dataset(tiny_checkpoint, tmp_path, capsys):
+    """Without a head, single-image mode on a gRefCOCO-style --dataset decides by the mask's pixel count
+    (--nt-min-pixels); on the checkpoint's own shapes dataset it decides nothing and refuses --nt-* options."""
+    result, printed = _single_image(tiny_checkpoint, tmp_path, capsys)
+    assert result["no_target"] is None and "no target" not in printed
+    with Image.open(tmp_path / "o_mask.png") as written:
+        pixels = int((np.asarray(written) > 0).sum())
+    for min_pixels in (1, pixels + 1):
+        result, printed = _single_image(tiny_checkpoint, tmp_path, capsys, "--dataset", "shapes-gres",
+                                        "--nt-min-pixels", str(min_pixels))
+        assert result["no_target"] == (pixels < min_pixels) and "empty-mask rule" in printed
+    assert result["no_target"] is True and "no target: yes" in printed
+    with pytest.raises(SystemExit, match="--nt-min-pixels: shapes has no no-target expressions"):
+        _single_image(tiny_checkpoint, tmp_path, capsys, "--nt-min-pixels", "3")
