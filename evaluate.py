@@ -1448,7 +1448,7 @@ def score_splits(opts: EvalOptions, ckpt: dict, model: maris.MARIS, *, rank: int
     # The stored image folder belongs to the training dataset's layout.
     own_dataset = dataset_name == stored.get("dataset", "shapes")
     image_dir = opts.image_dir or (stored.get("image_dir") if own_dataset else None)
-    out_dir = pathlib.Path(opts.out_dir) if opts.out_dir else pathlib.Path(opts.ckpt).resolve().parent
+    out_dir = pathlib.Path(opts.out_dir or pathlib.Path(opts.ckpt).parent)  # printed as the user wrote it
     results: dict[str, dict] = {}
     start = time.time()
     # The encoder weights' hash (a full read of them) was taken once, for the encoder check.

@@ -1437,3 +1437,13 @@ def test_single_image_mode_prints_the_empty_mask_decision_on_a_gres_dataset(tiny
     assert result["no_target"] is True and "no target: yes" in printed
     with pytest.raises(SystemExit, match="--nt-min-pixels: shapes has no no-target expressions"):
         _single_image(tiny_checkpoint, tmp_path, capsys, "--nt-min-pixels", "3")
+
+
+def test_report_goes_beside_the_checkpoint_as_the_user_named_it(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """Without --out-dir the JSON goes to the checkpoint's folder, and the path is printed relative as given."""
+    _fake_scoring(monkeypatch)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "best.pt").write_bytes(tiny_checkpoint.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    evaluate.main(["--ckpt", "run/best.pt", "--split", "val", "--no-progress"])
+    assert "wrote run/eval_shapes.json\n" in capsys.readouterr().out and (tmp_path / "run/eval_shapes.json").is_file()
