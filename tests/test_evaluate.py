@@ -444,7 +444,8 @@ def test_evaluate_under_torchrun_matches_one_process(tiny_checkpoint, tmp_path):
     one = evaluate.main([*common, "--out-dir", str(tmp_path / "one")])["val"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "evaluate.py", *common, "--out-dir", str(tmp_path / "ddp")],
-                          cwd=root, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          cwd=root, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("protocol:") == 1  # rank 0 alone prints the table
     ddp = json.loads((tmp_path / "ddp" / "eval_shapes.json").read_text())["results"]["val"]
