@@ -1303,12 +1303,27 @@ def predict(model: maris.MARIS, image, text: str | list[str], *, threshold: floa
     if not 0 < threshold < 1:
         raise ValueError(f"threshold {threshold}: expected a number > 0 and < 1")
     precision = precision or getattr(model, "precision", "auto")  # `maris.load` sets model.precision
-    picture = read_picture(image)
+    masks, _ = predict_outputs(model, read_picture(image), texts, threshold=threshold, precision=precision,
+                               batch_size=batch_size)
+    return masks[0] if isinstance(text, str) else masks
+
+
+@torch.no_grad()
+def predict_outputs(model: maris.MARIS, picture: Image.Image, texts: list[str], *, threshold: float,
+                    precision: str, batch_size: int) -> tuple[list[np.ndarray], torch.Tensor | None]:
+    """`predict`'s model pass over checked inputs: the B masks and, for a model with a no-target head
+    (`MARIS.no_target_head`), its no-target logits (B,) on the CPU (None without the head), from the same pass.
+
+    Args:
+        picture: RGB PIL image (`read_picture`).  texts: B non-empty expressions.
+        threshold, precision, batch_size: as `predict` (precision "auto" | "bf16" | "fp32").
+    """
     device, S = model.word_pos.device, model.cfg.image_size
     pixels, (h2, w2) = data.transform_image(picture, S)  # (3, S, S)
+    head = getattr(model, "no_target_head", None) is not None
     was_training = model.training
     model.eval()
-    masks = []
+    masks, nt_logits = [], []
     try:
         with maris.autocast(device, precision):
             features = model.encode_image(pixels[None].to(device))  # neck (1, C, H, W), taps (1, H, W, D)
@@ -1316,20 +1331,23 @@ def predict(model: maris.MARIS, image, text: str | list[str], *, threshold: floa
             chunk = texts[start:start + batch_size]
             ids, word_mask = data.tokenize(chunk, model.cfg.context_length)  # (B, L), (B, L)
             with maris.autocast(device, precision):
-                logits = model(None, ids.to(device), word_mask.to(device), image_features=features,
-                               image_index=torch.zeros(len(chunk), dtype=torch.long, device=device))  # (B, 1, 4H, 4W)
+                out = model.forward_features(ids.to(device), word_mask.to(device), image_features=features,
+                                             image_index=torch.zeros(len(chunk), dtype=torch.long, device=device))
+            if head:
+                nt_logits.append(out["no_target_logit"].float().cpu())  # (B,)
             B = len(chunk)
             masks += [m.cpu().numpy() for m in logits_to_masks(
-                logits, torch.tensor([[h2, w2]] * B), torch.tensor([[picture.height, picture.width]] * B), size=S,
-                threshold=threshold)]
+                out["logits"], torch.tensor([[h2, w2]] * B), torch.tensor([[picture.height, picture.width]] * B),
+                size=S, threshold=threshold)]  # logits (B, 1, 4H, 4W)
     finally:
         model.train(was_training)
-    return masks[0] if isinstance(text, str) else masks
+    return masks, torch.cat(nt_logits) if head else None
 
 
 @maris.one_line_errors
 def main(argv: list[str] | None = None) -> dict:
-    """Run evaluate.py; returns {split: metrics} (or {"mask": path, "overlay": path} in single-image mode).
+    """Run evaluate.py; returns {split: metrics} (or {"mask": path, "overlay": path, "no_target": the decision,
+    None where none is made} in single-image mode).
 
     The returned metrics are fractions in [0, 1], as `RISMetrics.compute()` (and the other metric sets) give
     them; the printed table and the JSON report hold them in percent. Metrics of a split with no pairs are
@@ -1356,26 +1374,58 @@ def main(argv: list[str] | None = None) -> dict:
                                         allow_mismatch=opts.allow_encoder_mismatch)
         model = model.to(device)
         if picture is not None:
-            return segment_one_image(opts, model, picture, device=device)
+            return segment_one_image(opts, model, picture, device=device,
+                                     dataset_name=opts.dataset or ckpt["options"].get("dataset", "shapes"))
         return score_splits(opts, ckpt, model, rank=rank, device=device, encoders=encoders)
     finally:  # every rank leaves the process group, also after an error (as train.main does)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def segment_one_image(opts: EvalOptions, model: maris.MARIS, picture: Image.Image, *, device: torch.device) -> dict:
-    """Single-image mode: write the overlay picture and the mask of `opts.text` in `picture` (`predict`)."""
-    mask = predict(model, picture, opts.text, threshold=opts.threshold,
-                   precision=maris.effective_precision(device, opts.precision))
+def segment_one_image(opts: EvalOptions, model: maris.MARIS, picture: Image.Image, *, device: torch.device,
+                      dataset_name: str = "shapes") -> dict:
+    """Single-image mode: write the overlay picture and the mask of `opts.text` in `picture` (`predict`) and,
+    for a gRefCOCO-style `dataset_name` or a model with a no-target head, print the no-target decision
+    (`single_image_scoring`), which the overlay's legend names too."""
+    scoring = single_image_scoring(opts, dataset_name, model)
+    masks, nt_logits = predict_outputs(model, picture, [opts.text], threshold=opts.threshold,
+                                       precision=maris.effective_precision(device, opts.precision), batch_size=1)
+    mask = masks[0]
+    decided = None
+    if scoring is not None:
+        decided = bool(no_target_decision(scoring.nt_rule, masks=[mask], no_target_logits=nt_logits,
+                                          min_pixels=scoring.nt_min_pixels, threshold=scoring.nt_threshold)[0])
     image_path = pathlib.Path(opts.image)
     out = pathlib.Path(opts.out or image_path.with_name(image_path.stem + "_overlay.png"))
     mask_out = pathlib.Path(opts.mask_out or out.with_name(out.stem + "_mask.png"))
     out.parent.mkdir(parents=True, exist_ok=True)
     mask_out.parent.mkdir(parents=True, exist_ok=True)
-    draw_overlay(picture, mask, opts.text, context_length=model.cfg.context_length).save(out)
+    draw_overlay(picture, mask, opts.text, context_length=model.cfg.context_length,
+                 pred_no_target=decided).save(out)
     Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(mask_out)
     print(f"overlay: {out}\nmask:    {mask_out}  ({int(mask.sum())} foreground pixels of {mask.size})")
-    return {"overlay": str(out), "mask": str(mask_out)}
+    if scoring is not None:
+        logit = "" if nt_logits is None else f"; sigmoid(logit) = {torch.sigmoid(nt_logits[0]).item():.3f}"
+        print(f"no target: {'yes' if decided else 'no'}  ({scoring.rule_text()}{logit})")
+    return {"overlay": str(out), "mask": str(mask_out), "no_target": decided}
+
+
+def single_image_scoring(opts: EvalOptions, dataset_name: str, model: maris.MARIS) -> Scoring | None:
+    """The no-target decision of single-image mode: for a gRefCOCO-style dataset (--dataset, else the
+    checkpoint's) or a model with a no-target head, the `Scoring` of the --nt-* options (`scoring_for`;
+    default rule: the head when the model has one, else the empty mask); None otherwise.
+
+    Raises:
+        SystemExit: --nt-* options where no decision is made, --nt-rule head without a head.
+    """
+    if metric_set(dataset_name) != "gres" and getattr(model, "no_target_head", None) is None:
+        split_scoring(opts, dataset_name, model)  # refuses --nt-* options, as split scoring does
+        return None
+    try:
+        return scoring_for(GRES_DATASETS[0], model, nt_rule=opts.nt_rule, nt_min_pixels=opts.nt_min_pixels,
+                           nt_threshold=opts.nt_threshold)
+    except ValueError as e:
+        raise SystemExit(f"error: --nt-*: {e}") from None
 
 
 def score_splits(opts: EvalOptions, ckpt: dict, model: maris.MARIS, *, rank: int, device: torch.device,
@@ -1398,7 +1448,7 @@ def score_splits(opts: EvalOptions, ckpt: dict, model: maris.MARIS, *, rank: int
     # The stored image folder belongs to the training dataset's layout.
     own_dataset = dataset_name == stored.get("dataset", "shapes")
     image_dir = opts.image_dir or (stored.get("image_dir") if own_dataset else None)
-    out_dir = pathlib.Path(opts.out_dir) if opts.out_dir else pathlib.Path(opts.ckpt).resolve().parent
+    out_dir = pathlib.Path(opts.out_dir or pathlib.Path(opts.ckpt).parent)  # printed as the user wrote it
     results: dict[str, dict] = {}
     start = time.time()
     # The encoder weights' hash (a full read of them) was taken once, for the encoder check.

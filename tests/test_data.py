@@ -177,7 +177,8 @@ def test_image_normalised_and_padding_zero(h, w, size, rgb):
     """A flat colour becomes (c - mean) / std inside the image and exactly 0 in the padding."""
     x, (h2, w2) = data.transform_image(np.full((h, w, 3), rgb, np.uint8), size)
     assert x.shape == (3, size, size)
-    expect = (torch.tensor(rgb, dtype=torch.float) - torch.tensor(data.SAM_PIXEL_MEAN)) / torch.tensor(data.SAM_PIXEL_STD)
+    mean, std = torch.tensor(data.SAM_PIXEL_MEAN), torch.tensor(data.SAM_PIXEL_STD)
+    expect = (torch.tensor(rgb, dtype=torch.float) - mean) / std
     assert torch.allclose(x[:, :h2, :w2], expect[:, None, None].expand(3, h2, w2), atol=1e-4)
     inside = data.valid_mask((h2, w2), size)
     assert (x[:, ~inside] == 0).all()
@@ -448,7 +449,8 @@ def _write_refer(root, *, image_bytes=None, refs_override=None):
         json.dump({"images": images, "annotations": anns, "categories": []}, f)
 
     def ref(ref_id, ann_id, image_id, split, sents):
-        sentences = [{"sent": s, "raw": s, "sent_id": ref_id * 10 + k, "tokens": s.split()} for k, s in enumerate(sents)]
+        sentences = [{"sent": s, "raw": s, "sent_id": ref_id * 10 + k, "tokens": s.split()}
+                     for k, s in enumerate(sents)]
         return {"ref_id": ref_id, "ann_id": ann_id, "image_id": image_id, "split": split, "sentences": sentences,
                 "sent_ids": [s["sent_id"] for s in sentences], "category_id": 1, "file_name": "x.jpg"}
 
@@ -468,7 +470,8 @@ def refer_root(tmp_path):
 
 def test_fixture_counts_and_test_union(refer_root):
     """Splits select their refs; `test` is testA + testB; one item per (ref, sentence)."""
-    n = {s: len(data.RefDataset(refer_root, split=s, image_size=32)) for s in ("train", "val", "testA", "testB", "test")}
+    n = {s: len(data.RefDataset(refer_root, split=s, image_size=32))
+         for s in ("train", "val", "testA", "testB", "test")}
     assert n == {"train": 3, "val": 1, "testA": 2, "testB": 1, "test": 3}
     assert len(data.RefDataset(refer_root, split_by="google", split="test", image_size=32)) == 1
 
@@ -601,7 +604,8 @@ def test_unknown_names_are_rejected(refer_root, kwargs, bad):
 def test_ref_with_missing_annotation_id(tmp_path):
     """A ref naming an annotation id absent from instances.json names the ref, the id and the files."""
     bad_ref = {"ref_id": 9, "ann_id": 999, "image_id": 1, "split": "train", "sent_ids": [1],
-               "sentences": [{"sent": "x", "raw": "x", "sent_id": 1, "tokens": ["x"]}], "category_id": 1, "file_name": "x"}
+               "sentences": [{"sent": "x", "raw": "x", "sent_id": 1, "tokens": ["x"]}], "category_id": 1,
+               "file_name": "x"}
     root = _write_refer(tmp_path / "r", refs_override=[bad_ref])
     with pytest.raises(ValueError, match="annotation id 999") as e:
         data.RefDataset(root, split="train")
@@ -682,7 +686,8 @@ def test_checker_on_a_hand_built_scene():
 
 def test_shapes_text_is_needed(shapes_val):
     """Most images have several items and objects sharing an attribute (distractors)."""
-    shared = sum(len({o.shape for o in s.objects}) < len(s.objects) or len({o.color for o in s.objects}) < len(s.objects)
+    shared = sum(len({o.shape for o in s.objects}) < len(s.objects)
+                 or len({o.color for o in s.objects}) < len(s.objects)
                  for s in shapes_val.scenes)
     assert shared == len(shapes_val.scenes)
     assert sum(len(s.items) >= 2 for s in shapes_val.scenes) >= 0.9 * len(shapes_val.scenes)
@@ -821,7 +826,8 @@ def test_transformed_image_cache_equals_a_fresh_transform(shapes_val):
 
 def _features(n, C=4, H=3, D=5, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {"neck": torch.randn(n, C, H, H, generator=g), "taps": [torch.randn(n, H, H, D, generator=g) for _ in range(3)]}
+    return {"neck": torch.randn(n, C, H, H, generator=g),
+            "taps": [torch.randn(n, H, H, D, generator=g) for _ in range(3)]}
 
 
 def _cache(root, **fingerprint):

@@ -444,7 +444,8 @@ def test_evaluate_under_torchrun_matches_one_process(tiny_checkpoint, tmp_path):
     one = evaluate.main([*common, "--out-dir", str(tmp_path / "one")])["val"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "evaluate.py", *common, "--out-dir", str(tmp_path / "ddp")],
-                          cwd=root, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          cwd=root, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("protocol:") == 1  # rank 0 alone prints the table
     ddp = json.loads((tmp_path / "ddp" / "eval_shapes.json").read_text())["results"]["val"]
@@ -1393,3 +1394,57 @@ def test_single_image_mode_writes_what_predict_returns(tiny_checkpoint, loaded, 
     with Image.open(tmp_path / "o_mask.png") as written:
         expected = evaluate.predict(loaded, tmp_path / "photo.png", "the red circle")
         assert np.array_equal(np.asarray(written) > 0, expected)
+
+
+def _single_image(ckpt, tmp_path, capsys, *extra) -> tuple[dict, str]:
+    """Run single-image mode on a seeded photo; returns main's result and what it printed."""
+    Image.fromarray(_photo(seed=4)).save(tmp_path / "photo.png")
+    result = evaluate.main(["--ckpt", str(ckpt), "--image", str(tmp_path / "photo.png"), "--text",
+                            "the purple star", "--out", str(tmp_path / "o.png"), *extra])
+    return result, capsys.readouterr().out
+
+
+def test_single_image_mode_prints_the_head_no_target_decision(gres_checkpoint, tmp_path, capsys, monkeypatch):
+    """With a no-target head, --image/--text prints the head's sigmoid and the decision, which flips with
+    --nt-threshold on either side of it; the overlay's legend names the decision."""
+    drawn, draw = [], evaluate.draw_overlay
+    monkeypatch.setattr(evaluate, "draw_overlay", lambda *a, **kw: drawn.append(kw.get("pred_no_target")) or
+                        draw(*a, **kw))
+    model = maris.load(gres_checkpoint)
+    pixels, _ = data.transform_image(Image.fromarray(_photo(seed=4)), model.cfg.image_size)
+    ids, wm = data.tokenize(["the purple star"], model.cfg.context_length)
+    with torch.no_grad():
+        p = torch.sigmoid(model.forward_features(ids, wm, images=pixels[None])["no_target_logit"][0]).item()
+    result, printed = _single_image(gres_checkpoint, tmp_path, capsys)
+    assert f"sigmoid(logit) = {p:.3f}" in printed and "no-target head" in printed
+    assert result["no_target"] == (p > 0.5) and f"no target: {'yes' if p > 0.5 else 'no'}" in printed
+    for threshold, decided in ((max(p - 0.01, 0.001), True), (min(p + 0.01, 0.999), False)):
+        result, printed = _single_image(gres_checkpoint, tmp_path, capsys, "--nt-threshold", str(threshold))
+        assert result["no_target"] is decided and f"no target: {'yes' if decided else 'no'}" in printed
+    assert drawn == [p > 0.5, True, False]
+
+
+def test_single_image_mode_prints_the_empty_mask_decision_on_a_gres_dataset(tiny_checkpoint, tmp_path, capsys):
+    """Without a head, single-image mode on a gRefCOCO-style --dataset decides by the mask's pixel count
+    (--nt-min-pixels); on the checkpoint's own shapes dataset it decides nothing and refuses --nt-* options."""
+    result, printed = _single_image(tiny_checkpoint, tmp_path, capsys)
+    assert result["no_target"] is None and "no target" not in printed
+    with Image.open(tmp_path / "o_mask.png") as written:
+        pixels = int((np.asarray(written) > 0).sum())
+    for min_pixels in (1, pixels + 1):
+        result, printed = _single_image(tiny_checkpoint, tmp_path, capsys, "--dataset", "shapes-gres",
+                                        "--nt-min-pixels", str(min_pixels))
+        assert result["no_target"] == (pixels < min_pixels) and "empty-mask rule" in printed
+    assert result["no_target"] is True and "no target: yes" in printed
+    with pytest.raises(SystemExit, match="--nt-min-pixels: shapes has no no-target expressions"):
+        _single_image(tiny_checkpoint, tmp_path, capsys, "--nt-min-pixels", "3")
+
+
+def test_report_goes_beside_the_checkpoint_as_the_user_named_it(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """Without --out-dir the JSON goes to the checkpoint's folder, and the path is printed relative as given."""
+    _fake_scoring(monkeypatch)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "best.pt").write_bytes(tiny_checkpoint.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    evaluate.main(["--ckpt", "run/best.pt", "--split", "val", "--no-progress"])
+    assert "wrote run/eval_shapes.json\n" in capsys.readouterr().out and (tmp_path / "run/eval_shapes.json").is_file()

@@ -64,7 +64,8 @@ def write_refer_fixture(root: pathlib.Path, texts=("{colour} box", "box in the {
             for text in (t.format(colour=colour, place=place) for t in texts):
                 sents.append({"tokens": text.split(), "raw": text, "sent_id": sent_id, "sent": text})
                 sent_id += 1
-            refs.append({"sent_ids": [s["sent_id"] for s in sents], "file_name": f"COCO_train2014_{image_id:012d}_{k}.jpg",
+            refs.append({"sent_ids": [s["sent_id"] for s in sents],
+                         "file_name": f"COCO_train2014_{image_id:012d}_{k}.jpg",
                          "ann_id": ann_id, "ref_id": ann_id, "image_id": image_id, "split": split,
                          "sentences": sents, "category_id": 1})
         Image.fromarray(pixels).save(img_dir / name, quality=95)
