@@ -1176,7 +1176,8 @@ def image_file_name(path: str) -> None:
 class EvalOptions:
     """Every command-line option of evaluate.py (flag = field name with '-' for '_')."""
 
-    ckpt: str = maris.option(help="checkpoint written by train.py (best.pt / last.pt)")
+    ckpt: str = maris.option(help="checkpoint written by train.py (best.pt / last.pt) or a model folder written by "
+                                  "--export")
     dataset: str | None = maris.option(None, "shapes | shapes-gres | refcoco | refcoco+ | refcocog | grefcoco | "
                                              "phrasecut; another than the checkpoint's scores it across datasets "
                                              "(e.g. a RefCOCO model on PhraseCut)", auto="the checkpoint's")
@@ -1220,6 +1221,11 @@ class EvalOptions:
     allow_encoder_mismatch: bool = maris.option(
         False, "run although the SAM / CLIP weights differ from those the model was trained with (their sha256 "
                "in the checkpoint), with a warning; the JSON records the files and hashes either way")
+    export: str | None = maris.option(
+        None, "write a shareable model folder in the Hugging Face Hub's layout (config.json, model.safetensors with "
+              "the trainable weights, README.md model card with the metrics of --split, measured now) into DIR, a new "
+              "or empty folder; it loads wherever a checkpoint does (--ckpt DIR, maris.load(DIR))",
+        auto="off; the split scored for the card: the checkpoint's validation split", metavar="DIR")
     image: str | None = maris.option(None, "single-image mode: an image file", auto="split scoring")
     text: str | None = maris.option(None, "single-image mode: the referring expression", auto="none",
                                     check=maris.nonempty)
@@ -1360,6 +1366,8 @@ def main(argv: list[str] | None = None) -> dict:
     if opts.image is not None or opts.text is not None:
         if opts.image is None or opts.text is None:
             raise SystemExit("error: single-image mode needs both --image and --text")
+        if opts.export is not None:
+            raise SystemExit("error: --export scores a split for the model card; drop --image / --text")
         picture = read_picture(opts.image)  # before the model is built: a bad file fails at once
     # Under torchrun every rank scores its share of each split; rank 0 prints and writes.
     rank, world, device = maris.setup_distributed(opts.device)
@@ -1376,6 +1384,8 @@ def main(argv: list[str] | None = None) -> dict:
         if picture is not None:
             return segment_one_image(opts, model, picture, device=device,
                                      dataset_name=opts.dataset or ckpt["options"].get("dataset", "shapes"))
+        if opts.export is not None:
+            return export_model(opts, ckpt, model, world=world, device=device, encoders=encoders)
         return score_splits(opts, ckpt, model, rank=rank, device=device, encoders=encoders)
     finally:  # every rank leaves the process group, also after an error (as train.main does)
         if dist.is_available() and dist.is_initialized():
@@ -1435,11 +1445,7 @@ def score_splits(opts: EvalOptions, ckpt: dict, model: maris.MARIS, *, rank: int
     `encoders` is `maris.check_encoders`' report: the JSON records it, the feature cache uses its SAM hash.
     """
     stored, cfg = ckpt["options"], model.cfg
-    dataset_name = opts.dataset or stored.get("dataset", "shapes")
-    if opts.dataset and opts.dataset != stored.get("dataset"):
-        split_by = opts.split_by or DEFAULT_SPLIT_BY.get(dataset_name)
-    else:
-        split_by = opts.split_by or stored.get("split_by") or DEFAULT_SPLIT_BY.get(dataset_name)
+    dataset_name, split_by = scored_dataset(opts, stored)
     splits = parse_splits(opts.split, dataset_name, split_by)
     scoring = split_scoring(opts, dataset_name, model)
     # Across datasets the checkpoint's context length L is kept: it is what the model was trained to read.
@@ -1473,6 +1479,15 @@ def score_splits(opts: EvalOptions, ckpt: dict, model: maris.MARIS, *, rank: int
     if rank == 0:  # every rank holds the all-reduced results; one writes them
         write_report(opts, ckpt, results, proto, dataset_name, split_by, out_dir, time.time() - start, encoders)
     return results
+
+
+def scored_dataset(opts: EvalOptions, stored: dict) -> tuple[str, str | None]:
+    """(dataset, split_by) that `opts` scores, given the checkpoint's training options `stored`: --dataset or the
+    checkpoint's; --split-by, else the checkpoint's on its own dataset, else the dataset's default partition."""
+    dataset_name = opts.dataset or stored.get("dataset", "shapes")
+    if opts.dataset and opts.dataset != stored.get("dataset"):
+        return dataset_name, opts.split_by or DEFAULT_SPLIT_BY.get(dataset_name)
+    return dataset_name, opts.split_by or stored.get("split_by") or DEFAULT_SPLIT_BY.get(dataset_name)
 
 
 def split_scoring(opts: EvalOptions, dataset_name: str, model: maris.MARIS) -> Scoring:
@@ -1545,6 +1560,158 @@ def write_report(opts: EvalOptions, ckpt: dict, results: dict, proto: dict, data
 def _dataset_title(dataset: str, split_by: str | None) -> str:
     """"refcoco (unc)", "phrasecut", "shapes"."""
     return dataset + (f" ({split_by})" if split_by else "")
+
+
+# --- A shareable model folder: evaluate.py --export ---
+
+def export_model(opts: EvalOptions, ckpt: dict, model: maris.MARIS, *, world: int, device: torch.device,
+                 encoders: dict) -> dict:
+    """`--export DIR`: score the checkpoint's validation split (or --split) now, then write the model folder
+    (`maris.write_model_folder`: config.json, model.safetensors, and the model card of `model_card`).
+
+    Returns:
+        {"folder": DIR, "results": {split: metrics as fractions}}.
+
+    Raises:
+        SystemExit: under torchrun, a folder that holds files, encoders that differ from the trained ones (the
+            metrics would not be the model's), missing data for the scored split.
+    """
+    folder = pathlib.Path(opts.export)
+    if world > 1:
+        raise SystemExit("error: --export runs in one process; run it without torchrun")
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise SystemExit(f"error: --export {folder}: the folder is not empty: expected a new or empty folder")
+    differ = [name for name, entry in encoders.items() if entry["match"] is False]
+    if differ:
+        raise SystemExit(f"error: --export: the {' and '.join(differ)} weights differ from those the model was trained "
+                         f"with, so the card's metrics would not be the model's: pass the encoder files it was "
+                         f"trained with")
+    stored = ckpt["options"]
+    dataset_name, split_by = scored_dataset(opts, stored)
+    splits = parse_splits(opts.split, dataset_name, split_by) if opts.split else [stored.get("val_split") or "val"]
+    scored = dataclasses.replace(opts, split=splits, vis=0)
+    results = score_splits(scored, ckpt, model, rank=0, device=device, encoders=encoders)
+    columns = METRIC_COLUMNS[metric_set(dataset_name)]
+    evaluation = {
+        "dataset": dataset_name, "split_by": split_by, "splits": splits, "checkpoint": str(opts.ckpt),
+        "date": time.strftime("%Y-%m-%d"), "unit": "percent", "results": in_percent(results, columns),
+        "protocol": protocol(eval_size=opts.eval_size, threshold=opts.threshold, image_size=model.cfg.image_size,
+                             scoring=split_scoring(scored, dataset_name, model),
+                             context_length=model.cfg.context_length)}
+    if not ckpt.get("encoders"):  # a checkpoint older than the hashes: record those of the encoders scored now
+        ckpt = {**ckpt, "encoders": {name: {"file": e["file"], "sha256": e["sha256"]} for name, e in encoders.items()}}
+        evaluation["encoders_hashed_at_export"] = True
+    card = model_card(ckpt, evaluation, columns, folder.name)
+    maris.write_model_folder(folder, ckpt, card=card, evaluation=evaluation)
+    print(f"exported {folder}: {maris.MODEL_CONFIG}, {maris.MODEL_WEIGHTS}, README.md (metrics of "
+          f"{', '.join(splits)} measured now)")
+    return {"folder": str(folder), "results": results}
+
+
+# Encoders in the model card: name, what they are, their licence and where the released files come from.
+CARD_ENCODERS = {
+    "sam": ("SAM image encoder", "Apache-2.0, Meta; https://github.com/facebookresearch/segment-anything"),
+    "clip": ("CLIP text tower", "MIT, OpenAI; https://github.com/openai/CLIP"),
+}
+
+
+def model_card(ckpt: dict, evaluation: dict, columns: tuple[str, ...], name: str) -> str:
+    """The README.md of a model folder: front matter the Hugging Face Hub reads (library, pipeline tag, tags,
+    licence), what the model is, its training, the metrics measured at export with their protocol, the frozen
+    encoders it needs (file names and sha256) and how to load it with this repository."""
+    cfg, opts = ckpt["config"], ckpt["options"]
+    trained_on = _dataset_title(opts.get("dataset", "shapes"), opts.get("split_by"))
+    params = sum(v.numel() for v in ckpt["model"].values())
+    needs_files = [k for k, e in ckpt["encoders"].items() if e and e.get("file")]
+    rows = []
+    for key, (what, licence) in CARD_ENCODERS.items():
+        entry = ckpt["encoders"].get(key) or {}
+        file = (pathlib.Path(entry["file"]).name if entry.get("file")
+                else f"none: random, seeded by init_seed {cfg['init_seed']}")
+        rows.append(f"| {what} | {file} | `{entry.get('sha256')}` | {licence} |")
+    addons = [f"{k} {opts[k]}" for k in ("mask_grounding_weight", "alignment_weight", "no_target_weight")
+              if opts.get(k)] + (["RISAM adapters"] if cfg.get("adapters") else [])
+    table = format_table({s: {k: (None if v is None else v / 100 if k in columns else v) for k, v in m.items()}
+                          for s, m in evaluation["results"].items()}, columns)
+    proto = "\n".join(f"- {k}: {v}" for k, v in evaluation["protocol"].items() if v is not None)
+    sam_flag = " --sam-checkpoint sam.pth" if "sam" in needs_files else ""
+    clip_flag = " --clip-checkpoint clip.pt" if "clip" in needs_files else ""
+    load_args = (", sam_checkpoint=\"sam.pth\"" if "sam" in needs_files else "") + (
+        ", clip_checkpoint=\"clip.pt\"" if "clip" in needs_files else "")
+    random_note = ("" if len(needs_files) == 2 else
+                   "\nThe encoders without a file are random, rebuilt from `init_seed` in config.json (the hash check "
+                   "confirms it): enough for the built-in synthetic shapes task, useless on photographs.\n")
+    return f"""---
+library_name: pytorch
+pipeline_tag: image-segmentation
+license: other
+license_name: unspecified
+tags:
+- referring-image-segmentation
+- maris
+- segment-anything
+- clip
+---
+
+# {name}: MARIS, trained on {trained_on}
+
+A MARIS referring image segmentation model (Zhang et al., "Referring Image Segmentation via Mutual-Aware
+Attention Features", arXiv 2311.15727): given an image and an expression such as "the dog on the left", it
+predicts the mask of that object. Preset: SAM image size S = {cfg['image_size']}, SAM width D = {cfg['sam_embed_dim']},
+text context length L = {cfg['context_length']}; {params:,} trainable parameters in `model.safetensors` (Feature
+Enhancement, Mutual-Aware Attention, Mutual-Aware Mask Decoder and the other trained parts; fp32).
+
+## Training
+
+Dataset {trained_on}, split `{opts.get('train_split')}`; {ckpt.get('step')} optimizer steps, epoch {ckpt.get('epoch')} of
+{opts.get('epochs')} completed, batch {opts.get('batch_size')} per process, AdamW lr {opts.get('lr')},
+{opts.get('schedule')} schedule; add-ons: {', '.join(addons) or 'none (plain MARIS)'}. `config.json` holds the whole
+`MarisConfig` and every training option.
+
+## Evaluation, measured at export ({evaluation['date']})
+
+{_dataset_title(evaluation['dataset'], evaluation['split_by'])}, split(s) {', '.join(evaluation['splits'])}, scored
+from `{evaluation['checkpoint']}` by `evaluate.py --export` (percent):
+
+```
+{table}
+```
+
+Protocol:
+{proto}
+
+## Frozen encoders (not in this folder)
+
+| encoder | file the model was trained with | sha256 of its weights | licence, source |
+|---|---|---|---|
+{chr(10).join(rows)}
+{random_note}
+Loading checks the encoders' weights against these hashes and refuses others.
+
+## How to use (with the MARIS reference implementation)
+
+```
+python evaluate.py --ckpt {name}{sam_flag}{clip_flag} --image photo.jpg --text "the dog on the left"
+python evaluate.py --ckpt {name}{sam_flag}{clip_flag}          # score the dataset's evaluation splits
+python demo.py --ckpt {name}               # web demo (pip install -r requirements-demo.txt)
+```
+
+```python
+import maris
+from evaluate import predict
+
+model = maris.load("{name}"{load_args})
+mask = predict(model, "photo.jpg", "the dog on the left")  # bool numpy array (H, W)
+```
+
+Only `config.json` (JSON) and `model.safetensors` are read: loading runs no pickle.
+
+## Licence
+
+No licence was chosen at export: set `license:` above before sharing. The model was trained on top of SAM's image
+encoder and CLIP's text tower (licences in the table above); their weights are not part of this folder. The
+training data keeps its own terms.
+"""
 
 
 if __name__ == "__main__":

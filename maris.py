@@ -2108,14 +2108,17 @@ CHECKPOINT_EXPECTED = "expected a last.pt or best.pt written by train.py"
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a train.py checkpoint (plain tensors and Python values only: weights_only loading).
+    """Load a train.py checkpoint (plain tensors and Python values only: weights_only loading), or a shareable
+    model folder (`read_model_folder`: the same keys, read from JSON and safetensors).
 
     Raises:
-        FileNotFoundError: no such file.
+        FileNotFoundError: no such file (a folder: one of its two files is absent).
         ValueError: an empty, cut-short or damaged file, another kind of file, or a torch file that is not a
             train.py checkpoint; the message names the file, what is wrong and what was expected.
     """
     path = Path(path)
+    if path.is_dir():  # a shareable model folder (`write_model_folder`): JSON and safetensors, never a pickle
+        return read_model_folder(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     size = path.stat().st_size
@@ -2148,6 +2151,7 @@ def model_from_checkpoint(ckpt: dict, *, sam_checkpoint: str | Path | None = Non
 
     Raises:
         FileNotFoundError: an encoder weight file (the checkpoint's or an override) is not on this machine.
+        ValueError: a model folder whose weights do not fit its config (the folder is named).
     """
     opts = ckpt["options"]
     sam = sam_checkpoint or opts.get("sam_checkpoint")
@@ -2159,8 +2163,105 @@ def model_from_checkpoint(ckpt: dict, *, sam_checkpoint: str | Path | None = Non
             raise FileNotFoundError(f"the model was trained with encoder weights {path}, which is not here; "
                                     f"pass {flag} with the same file")
     model = build_model(ckpt["config"], sam_checkpoint=sam, clip_checkpoint=clip)
-    model.load_trainable_state_dict(ckpt["model"])
+    try:
+        model.load_trainable_state_dict(ckpt["model"])
+    except (KeyError, ValueError) as e:
+        if "folder" not in ckpt:
+            raise
+        raise ValueError(f"model folder {ckpt['folder']}: {MODEL_WEIGHTS} does not fit {MODEL_CONFIG} "
+                         f"({error_line(e)}): {MODEL_FOLDER_EXPECTED}") from None
     return model.eval()
+
+
+# --- Shareable model folders (the Hugging Face Hub's layout) -------------------------------------
+# `evaluate.py --export DIR` writes a folder that can be uploaded to the Hub as it is and loaded wherever a
+# checkpoint is: config.json (JSON: the MarisConfig, the training options, the frozen encoders' files and
+# sha256) + model.safetensors (the trainable weights only) + README.md (the model card). Reading it runs no
+# pickle: other files in the folder (a .pt, a .bin) are never opened.
+
+MODEL_CONFIG, MODEL_WEIGHTS = "config.json", "model.safetensors"
+MODEL_FOLDER_FORMAT = 1  # config.json's "format_version"; raised when its layout changes
+MODEL_FOLDER_EXPECTED = f"expected a folder written by evaluate.py --export ({MODEL_CONFIG} + {MODEL_WEIGHTS})"
+
+
+def write_model_folder(folder: str | os.PathLike, ckpt: dict, *, card: str, evaluation: dict | None = None) -> Path:
+    """Write a shareable model folder from a `read_checkpoint` dict: config.json, model.safetensors, README.md.
+
+    Args:
+        folder: a new or empty folder (created).
+        ckpt: the checkpoint (its "config", "options", "model", "encoders", "step", "epoch").
+        card: the model card's text (README.md).
+        evaluation: what config.json records under "evaluation" (evaluate.py: the metrics measured at export).
+
+    Returns:
+        The folder. Each file is written to a temporary name and renamed.
+
+    Raises:
+        ValueError: the folder holds files already.
+    """
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise ValueError(f"export folder {folder} is not empty: expected a new or empty folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"model_type": "maris", "format_version": MODEL_FOLDER_FORMAT, "maris_config": ckpt["config"],
+              "training_options": ckpt["options"], "encoders": ckpt.get("encoders"), "step": ckpt.get("step"),
+              "epoch": ckpt.get("epoch"), "evaluation": evaluation}
+    # safetensors refuses tensors that share memory or are not contiguous; the weights are fp32 as trained.
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in ckpt["model"].items()}
+    files = {MODEL_CONFIG: json.dumps(config, indent=2, allow_nan=False).encode(), "README.md": card.encode()}
+    tmp = folder / f".{MODEL_WEIGHTS}.tmp"
+    safetensors.torch.save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, folder / MODEL_WEIGHTS)
+    for name, payload in files.items():
+        tmp = folder / f".{name}.tmp"
+        tmp.write_bytes(payload)
+        os.replace(tmp, folder / name)
+    return folder
+
+
+def read_model_folder(folder: str | os.PathLike) -> dict:
+    """A shareable model folder as a `read_checkpoint` dict ("config", "options", "model", "encoders", "step",
+    "epoch", plus "folder" and "evaluation"), read from config.json (JSON) and model.safetensors only.
+
+    Raises:
+        FileNotFoundError: config.json or model.safetensors is absent (the folder and the file are named).
+        ValueError: config.json is not this format's JSON, names an unknown MarisConfig field, or
+            model.safetensors is not a readable safetensors file.
+    """
+    folder = Path(folder)
+    for name in (MODEL_CONFIG, MODEL_WEIGHTS):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"model folder {folder} has no {name}: {MODEL_FOLDER_EXPECTED}")
+    try:
+        config = json.loads((folder / MODEL_CONFIG).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"model folder {folder}: {MODEL_CONFIG} is not valid JSON ({e}): "
+                         f"{MODEL_FOLDER_EXPECTED}") from None
+    keys = ("maris_config", "training_options", "encoders")
+    if not isinstance(config, dict) or config.get("model_type") != "maris" or any(k not in config for k in keys):
+        raise ValueError(f"model folder {folder}: {MODEL_CONFIG} is not a MARIS config (model_type \"maris\" and "
+                         f"keys {', '.join(keys)}): {MODEL_FOLDER_EXPECTED}")
+    if config.get("format_version") != MODEL_FOLDER_FORMAT:
+        raise ValueError(f"model folder {folder}: {MODEL_CONFIG} has format_version {config.get('format_version')!r}: "
+                         f"expected {MODEL_FOLDER_FORMAT} (a folder from another version of this code)")
+    try:
+        config_from_dict(config["maris_config"])
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"model folder {folder}: {MODEL_CONFIG} has an unusable maris_config: "
+                         f"{error_line(e)}") from None
+    path = folder / MODEL_WEIGHTS
+    with open(path, "rb") as f:
+        head = f.read(9)
+    try:
+        if not _is_safetensors(head, path.stat().st_size):
+            raise ValueError("no safetensors header")
+        state = safetensors.torch.load_file(path, device="cpu")
+    except Exception as e:  # safetensors' own errors are not ValueErrors
+        raise ValueError(f"model folder {folder}: {MODEL_WEIGHTS} is not a readable safetensors file "
+                         f"({(str(e).splitlines() or [type(e).__name__])[0]}): {MODEL_FOLDER_EXPECTED}") from None
+    return {"config": config["maris_config"], "options": config["training_options"], "model": state,
+            "encoders": config["encoders"], "step": config.get("step"), "epoch": config.get("epoch"),
+            "evaluation": config.get("evaluation"), "folder": str(folder)}
 
 
 # --- The frozen encoders a model was trained with ---------------------------------------------
@@ -2255,15 +2356,18 @@ def check_encoders(ckpt: dict, model: MARIS, *, source: str | os.PathLike = "the
 def load(path: str | os.PathLike, *, device: str | torch.device = "auto", precision: str = "auto",
          sam_checkpoint: str | Path | None = None, clip_checkpoint: str | Path | None = None,
          allow_encoder_mismatch: bool = False) -> MARIS:
-    """A trained MARIS from a train.py checkpoint, ready for `evaluate.predict` (README, "Predict in Python").
+    """A trained MARIS from a train.py checkpoint or a shareable model folder, ready for `evaluate.predict`
+    (README, "Predict in Python").
 
         model = maris.load("runs/refcoco/best.pt")
+        model = maris.load("exports/refcoco")     # evaluate.py --export's folder: JSON + safetensors, no pickle
 
     The frozen encoders come from the weight files the checkpoint names (or the overrides) and are checked
     against the hashes it recorded (`check_encoders`).
 
     Args:
-        path: best.pt / last.pt.  device: "auto" (CUDA when available), "cpu", "cuda", "cuda:N".
+        path: best.pt / last.pt, or a model folder (`read_model_folder`).
+        device: "auto" (CUDA when available), "cpu", "cuda", "cuda:N".
         precision: "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32": stored as
             `model.precision`, what `evaluate.predict` runs in unless told otherwise.
         sam_checkpoint, clip_checkpoint: other paths of the same encoder weights.
@@ -2273,8 +2377,9 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "auto", precis
         The model on `device`, in eval mode.
 
     Raises:
-        FileNotFoundError: the checkpoint or an encoder file is absent.
-        ValueError: an unusable checkpoint, encoder file, device or precision (EncoderMismatchError: other
+        FileNotFoundError: the checkpoint (a folder's config.json or model.safetensors) or an encoder file is
+            absent.
+        ValueError: an unusable checkpoint or folder, encoder file, device or precision (EncoderMismatchError: other
             encoder weights than the model was trained with).
     """
     device = resolve_device(str(device))

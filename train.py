@@ -189,6 +189,14 @@ class TrainOptions:
     device: str = option("auto", "auto (cuda when available) | cpu | cuda | cuda:N", check=maris.check_device)
     precision: str = option("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32")
     progress: bool = option(True, "show tqdm progress bars")
+    # training curves (README, "Training curves")
+    curves: bool = option(True, "draw <out-dir>/curves.png (loss and its parts, learning rate, gradient norm, val "
+                                "metrics against steps) from metrics.jsonl at each validation; needs matplotlib "
+                                "(requirements.txt), a one-line note and no picture without it")
+    tensorboard: bool = option(False, "also write every metrics.jsonl record as TensorBoard scalars to "
+                                      "<out-dir>/tensorboard/<run id>-<session>/ (pip install tensorboard)")
+    plot: str | None = option(None, "draw RUN_DIR/curves.png from RUN_DIR/metrics.jsonl (a finished or running run) "
+                                    "and exit; trains nothing", auto="off", metavar="RUN_DIR")
 
 
 DESCRIPTION = "Train MARIS (referring image segmentation on SAM + CLIP)."
@@ -484,6 +492,8 @@ class Run:
     train_cache: data.FeatureCache | None = None
     val_cache: data.FeatureCache | None = None
     resumed_from: str | None = None  # the checkpoint this session continues, None for a new run
+    tensorboard: object | None = None  # torch.utils.tensorboard.SummaryWriter with --tensorboard (rank 0)
+    curves_note: bool = False  # the "no matplotlib" note was printed
 
     @property
     def model(self) -> maris.MARIS:
@@ -771,6 +781,8 @@ def log_record(run: Run, record: dict) -> None:
         except OSError as e:
             raise OSError(e.errno, f"cannot write {path}: {file_error(e)}") from e
         run.log.records += 1
+        if run.tensorboard is not None:
+            tensorboard_scalars(run.tensorboard, record)
 
 
 # --- One step, one epoch, validation ---
@@ -966,6 +978,7 @@ def validate(run: Run, progress: Progress) -> dict | None:
     rule = {"no_target_rule": scoring.nt_rule} if scoring.metrics == "gres" else {}
     log_record(run, {"kind": "eval", "step": progress.step, "epoch": epoch_number(progress), "split": opts.val_split,
                      **metrics, **rule})
+    write_curves(run)
     name = val_metric(opts)
     improved = metrics[name] > progress.best  # False for NaN (a split without items)
     if run.main_process:
@@ -1124,6 +1137,153 @@ def claim_run_folder(run: Run, progress: Progress) -> RunLock:
     return lock
 
 
+# --- Training curves: curves.png (matplotlib) and TensorBoard scalars ---
+# The picture is drawn from metrics.jsonl alone, so a finished, killed or running run can be plotted again at
+# any time (`python train.py --plot RUN_DIR`); during training it is redrawn after each validation.
+
+CURVES_FILE = "curves.png"
+LOSS_PARTS = ("loss", "focal", "dice", "mask_grounding", "alignment", "no_target")  # train records' loss fields
+# Val metrics drawn, per metric set (the first of each is the one that picks best.pt).
+CURVE_METRICS = {"ris": ("oIoU", "mIoU", "Prec@0.5", "Prec@0.7", "Prec@0.9"),
+                 "gres": ("gIoU", "cIoU", "N-acc", "T-acc"), "phrasecut": ("mIoU", "cumIoU", "Acc@0.5")}
+
+
+def read_metrics(path: pathlib.Path) -> list[dict]:
+    """The records of a metrics.jsonl file, in order.
+
+    Raises:
+        FileNotFoundError: no such file.  ValueError: a line that is not a JSON object (file and line named).
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: expected the metrics.jsonl of a train.py run")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or "kind" not in record or "step" not in record:
+            raise ValueError(f"{path} line {number} is not a metrics.jsonl record: expected a JSON object with "
+                             f"'kind' and 'step'")
+        records.append(record)
+    return records
+
+
+def plot_curves(records: list[dict], out: pathlib.Path, *, title: str = "") -> pathlib.Path:
+    """Draw four panels against optimizer steps: the training loss and its parts (log scale), the validation
+    metrics in percent, the learning rate, the gradient norm before clipping. Written atomically (temporary
+    file, then rename), so a viewer never sees half a picture.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+
+    train_records = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    fig = Figure(figsize=(10, 6.4), dpi=80, layout="constrained")
+    (ax_loss, ax_val), (ax_lr, ax_grad) = fig.subplots(2, 2, sharex=True)
+
+    def series(rows: list[dict], key: str, scale: float = 1.0) -> tuple[list, list]:
+        points = [(r["step"], scale * r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    for key in LOSS_PARTS:
+        steps, values = series(train_records, key)
+        if steps:
+            ax_loss.plot(steps, values, label=key, linewidth=2.0 if key == "loss" else 1.2)
+    ax_loss.set_yscale("log")
+    ax_loss.set_title("training loss (total = weighted parts)")
+    kind = _metric_kind(evals)
+    for key in CURVE_METRICS[kind]:
+        steps, values = series(evals, key, 100.0)
+        if steps:
+            ax_val.plot(steps, values, marker="o", markersize=4, label=key)
+    split = evals[-1].get("split", "val") if evals else "val"
+    ax_val.set_title(f"{split} metrics (%)" if evals else "validation metrics (none yet)")
+    ax_lr.plot(*series(train_records, "lr"), color="tab:green")
+    ax_lr.set_title("learning rate")
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    ax_grad.plot(*series(train_records, "grad_norm"), color="tab:red", linewidth=1.0)
+    ax_grad.set_title("gradient norm (before clipping)")
+    for ax in (ax_loss, ax_val, ax_lr, ax_grad):
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    for ax in (ax_lr, ax_grad):
+        ax.set_xlabel("optimizer step")
+    if title:
+        fig.suptitle(title)
+    out = pathlib.Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, out)
+    return out
+
+
+def _metric_kind(evals: list[dict]) -> str:
+    """The metric set of eval records, from the metrics they hold (gIoU: gRefCOCO-style; cumIoU: PhraseCut)."""
+    last = evals[-1] if evals else {}
+    return "gres" if "gIoU" in last else "phrasecut" if "cumIoU" in last else "ris"
+
+
+def write_curves(run: Run) -> None:
+    """Redraw <out-dir>/curves.png from metrics.jsonl (rank 0, with --curves); without matplotlib, say so once."""
+    if not (run.main_process and run.opts.curves):
+        return
+    try:
+        plot_curves(read_metrics(run.out_dir / "metrics.jsonl"), run.out_dir / CURVES_FILE,
+                    title=f"{run.out_dir.name}: {run.opts.dataset}")
+    except ImportError:
+        if not run.curves_note:
+            print("note: no curves.png: matplotlib is not installed (pip install matplotlib, or --no-curves)")
+            run.curves_note = True
+
+
+def plot_run(run_dir: str) -> pathlib.Path:
+    """`train.py --plot RUN_DIR`: draw RUN_DIR/curves.png from RUN_DIR/metrics.jsonl.
+
+    Raises:
+        FileNotFoundError, ValueError: no or a damaged metrics.jsonl.  SystemExit: matplotlib is not installed.
+    """
+    folder = pathlib.Path(run_dir)
+    records = read_metrics(folder / "metrics.jsonl")
+    try:
+        out = plot_curves(records, folder / CURVES_FILE, title=f"{folder.name}")
+    except ImportError:
+        raise SystemExit("error: --plot needs matplotlib: pip install matplotlib") from None
+    print(f"wrote {out} ({sum(r['kind'] == 'train' for r in records)} train and "
+          f"{sum(r['kind'] == 'eval' for r in records)} eval records)")
+    return out
+
+
+def summary_writer_class():
+    """torch.utils.tensorboard.SummaryWriter (--tensorboard).
+
+    Raises:
+        SystemExit: the tensorboard package is not installed.
+    """
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise SystemExit("error: --tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter
+
+
+def tensorboard_scalars(writer, record: dict) -> None:
+    """A metrics.jsonl record as TensorBoard scalars at its step: train/<field> (losses, lr, grad_norm,
+    items_per_s), <split>/<metric> for eval records (fractions, as in metrics.jsonl), epoch/<field>."""
+    kind = record["kind"]
+    if kind == "start":
+        return
+    group = record.get("split", "val") if kind == "eval" else kind
+    skip = {"kind", "step", "epoch", "run", "session", "seconds", "steps", "split", "count"}
+    for key, value in record.items():
+        if key not in skip and isinstance(value, (int, float)) and not isinstance(value, bool):
+            writer.add_scalar(f"{group}/{key}", value, global_step=record["step"])
+    writer.flush()
+
+
 # --- The loop ---
 
 def train(opts: TrainOptions, explicit: dict) -> dict:
@@ -1137,10 +1297,13 @@ def train(opts: TrainOptions, explicit: dict) -> dict:
     Raises:
         SystemExit: missing data, a bad option, a non-finite loss (names the step).
     """
+    writer_class = summary_writer_class() if opts.tensorboard else None  # a missing package stops before anything
     run, progress = build_run(opts, explicit)
     opts = run.opts
     run.log.started = time.time()  # the clock of metrics.jsonl counts training, not building
     lock = claim_run_folder(run, progress) if run.main_process else None
+    if writer_class is not None and run.main_process:
+        run.tensorboard = writer_class(log_dir=str(run.out_dir / "tensorboard" / f"{run.log.run_id}-{run.log.session}"))
     stop, previous = _Stop(), {}
     stopping, val_metrics = False, None
     try:
@@ -1170,6 +1333,8 @@ def train(opts: TrainOptions, explicit: dict) -> dict:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if run.tensorboard is not None:
+            run.tensorboard.close()
         if lock is not None:
             lock.release()
     name = val_metric(opts)
@@ -1183,6 +1348,8 @@ def main(argv: list[str] | None = None) -> dict:
     """Entry point: `python train.py [options]` (see --help); bad files and values exit with one line
     (`maris.one_line_errors`)."""
     opts, explicit = maris.parse_options(TrainOptions, argv, DESCRIPTION)
+    if opts.plot is not None:
+        return {"curves": str(plot_run(opts.plot))}
     try:
         return train(opts, explicit)
     finally:

@@ -1448,3 +1448,48 @@ def test_report_goes_beside_the_checkpoint_as_the_user_named_it(tiny_checkpoint,
     monkeypatch.chdir(tmp_path)
     evaluate.main(["--ckpt", "run/best.pt", "--split", "val", "--no-progress"])
     assert "wrote run/eval_shapes.json\n" in capsys.readouterr().out and (tmp_path / "run/eval_shapes.json").is_file()
+# --- evaluate.py --export: a shareable model folder ---
+
+def _front_matter(card: str) -> dict:
+    """The `key: value` lines of a model card's front matter (between the first two '---' lines)."""
+    head = card.split("---\n")[1]
+    return dict(line.split(": ", 1) for line in head.splitlines() if ": " in line)
+
+
+def test_export_writes_a_hub_folder_whose_metrics_are_measured_and_reproduced(tiny_checkpoint, tmp_path, capsys):
+    """--export writes config.json, model.safetensors and a README.md model card (Hub front matter, the metrics
+    of the val split measured now); scoring the folder (--ckpt DIR) and the .pt gives those same metrics."""
+    folder = tmp_path / "shared-model"
+    common = ["--batch-size", "32", "--no-progress", "--out-dir", str(tmp_path)]
+    out = evaluate.main(["--ckpt", str(tiny_checkpoint), "--export", str(folder), *common])
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    config = json.loads((folder / "config.json").read_text())
+    evaluation = config["evaluation"]
+    assert evaluation["splits"] == ["val"] and evaluation["dataset"] == "shapes"
+    from_pt = evaluate.main(["--ckpt", str(tiny_checkpoint), "--split", "val", *common])
+    from_folder = evaluate.main(["--ckpt", str(folder), "--split", "val", *common])
+    assert from_folder == from_pt == out["results"]
+    assert evaluation["results"]["val"]["oIoU"] == pytest.approx(100 * from_pt["val"]["oIoU"])
+    card = (folder / "README.md").read_text()
+    front = _front_matter(card)
+    assert front["pipeline_tag"] == "image-segmentation" and front["library_name"] == "pytorch"
+    assert "license" in front and "Apache-2.0" in card and "MIT" in card
+    row = next(line for line in card.splitlines() if line.startswith("val "))
+    assert row.split()[1] == f"{100 * from_pt['val']['oIoU']:.2f}"
+    assert f"maris.load(\"{folder.name}\")" in card and f"--ckpt {folder.name}" in card
+    assert config["encoders"] == torch.load(tiny_checkpoint, weights_only=True)["encoders"]
+
+
+def test_export_refuses_a_folder_with_files_and_single_image_mode(tiny_checkpoint, tmp_path):
+    """--export into a folder holding files, or together with --image/--text, stops with one line before
+    anything is written."""
+    folder = tmp_path / "taken"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="taken: the folder is not empty"):
+        evaluate.main(["--ckpt", str(tiny_checkpoint), "--export", str(folder), "--no-progress"])
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+    with pytest.raises(SystemExit, match="--export scores a split for the model card"):
+        evaluate.main(["--ckpt", str(tiny_checkpoint), "--export", str(tmp_path / "new"), "--image", "x.png",
+                       "--text", "the dog"])
+    assert not (tmp_path / "new").exists()

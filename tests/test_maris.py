@@ -1999,3 +1999,114 @@ def test_one_line_errors_turn_user_errors_into_one_line_and_keep_bugs(monkeypatc
     monkeypatch.setenv(maris.DEBUG_ENV, "1")
     with pytest.raises(ValueError):
         failing(ValueError("shown with its traceback"))()
+
+
+# --- Shareable model folders: config.json + model.safetensors, no pickle ---
+
+class _Payload:
+    """A pickle that, when unpickled, creates the file `marker`: what a hostile .pt / .bin would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def trained_folder(tmp_path, name="model") -> tuple[pathlib.Path, maris.MARIS, dict]:
+    """A model folder of a tiny model with one changed trainable weight, its model and its checkpoint dict."""
+    model = fresh_tiny()
+    with torch.no_grad():
+        model.word_pos.add_(1.0)  # differs from the seeded build: the weights must come from the folder
+    ckpt = write_trained_checkpoint(tmp_path / f"{name}.pt", model)
+    folder = maris.write_model_folder(tmp_path / name, ckpt, card="# card\n")
+    return folder, model, ckpt
+
+
+def test_model_folder_holds_json_and_safetensors_and_loads_the_same_model(tmp_path):
+    """A model folder holds config.json (JSON: config, options, encoder hashes), model.safetensors (exactly the
+    trainable weights, read here by safetensors itself) and README.md; maris.load(folder) gives the model of the
+    .pt, weight for weight and logit for logit."""
+    folder, model, ckpt = trained_folder(tmp_path)
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["maris_config"] == ckpt["config"] and config["encoders"] == ckpt["encoders"]
+    weights = safetensors.torch.load_file(folder / "model.safetensors")
+    assert weights.keys() == model.trainable_state_dict().keys()
+    from_folder, from_pt = maris.load(folder, device="cpu"), maris.load(tmp_path / "model.pt", device="cpu")
+    for key, value in model.trainable_state_dict().items():
+        assert torch.equal(from_folder.state_dict()[key], value), key
+    ids, wm = make_text([5, 3], 20)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(from_folder(images, ids, wm), from_pt(images, ids, wm))
+
+
+def test_model_folder_never_unpickles_the_files_beside_it(tmp_path):
+    """A hostile best.pt and pytorch_model.bin inside a model folder are never read: loading works from the
+    JSON and safetensors files, and without model.safetensors it stops instead of falling back on them."""
+    import pickle
+    marker = tmp_path / "pwned"
+    pickle.loads(pickle.dumps(_Payload(marker)))  # the payload works: unpickling it creates the marker
+    assert marker.exists()
+    marker.unlink()
+    folder, _, _ = trained_folder(tmp_path)
+    for name in ("best.pt", "pytorch_model.bin", "model.pt"):
+        torch.save({"model": _Payload(marker)}, folder / name)
+    maris.load(folder, device="cpu")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="has no model.safetensors"):
+        maris.load(folder, device="cpu")
+    assert not marker.exists()
+
+
+def test_model_folder_errors_name_the_folder_and_what_is_wrong(tmp_path):
+    """A missing file, a config.json that is not JSON or not a MARIS config, an unknown config field, weights
+    that do not fit the config and a cut-short model.safetensors each give one line naming the folder."""
+    folder, _, _ = trained_folder(tmp_path)
+    good_config, good_weights = (folder / "config.json").read_text(), (folder / "model.safetensors").read_bytes()
+    config = json.loads(good_config)
+    small = json.loads(good_config)
+    small["maris_config"]["maa_depth"] = 1  # one Mutual-Aware Attention block fewer than the weights hold
+    wide = json.loads(good_config)
+    wide["maris_config"]["decoder_mlp_dim"] = 8  # other shapes than the weights
+    cases = [
+        ("config.json", "{not json", ValueError, "config.json is not valid JSON"),
+        ("config.json", json.dumps({**config, "model_type": "bert"}), ValueError, "is not a MARIS config"),
+        ("config.json", json.dumps({**config, "format_version": 99}), ValueError, "format_version 99"),
+        ("config.json", json.dumps({**config, "maris_config": {**config["maris_config"], "colour": 1}}), ValueError,
+         "unusable maris_config: unknown MarisConfig field"),
+        ("config.json", json.dumps(small), ValueError, "model.safetensors does not fit config.json .*unexpected key"),
+        ("config.json", json.dumps(wide), ValueError, "model.safetensors does not fit config.json .*shape"),
+        ("model.safetensors", good_weights[: len(good_weights) // 2], ValueError, "not a readable safetensors"),
+        ("model.safetensors", b"", ValueError, "not a readable safetensors"),
+    ]
+    for name, content, error, message in cases:
+        (folder / name).write_bytes(content.encode() if isinstance(content, str) else content)
+        with pytest.raises(error, match=message) as e:
+            maris.load(folder, device="cpu")
+        assert str(folder) in str(e.value) and "\n" not in str(e.value)
+        (folder / "config.json").write_text(good_config)
+        (folder / "model.safetensors").write_bytes(good_weights)
+    (folder / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"model folder .* has no config.json: expected a folder written by"):
+        maris.read_checkpoint(folder)
+
+
+def test_model_folder_encoders_are_checked_like_a_checkpoint(tmp_path):
+    """A folder whose recorded encoder hash differs from the rebuilt encoder is refused (EncoderMismatchError)."""
+    folder, _, _ = trained_folder(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["encoders"]["sam"]["sha256"] = "0" * 64
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(maris.EncoderMismatchError, match="SAM image encoder"):
+        maris.load(folder, device="cpu")
+
+
+def test_write_model_folder_refuses_a_folder_with_files(tmp_path):
+    """Exporting into a folder that holds files is refused, and the files stay."""
+    folder, _, ckpt = trained_folder(tmp_path)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(ValueError, match="is not empty: expected a new or empty folder"):
+        maris.write_model_folder(folder, ckpt, card="other")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

@@ -1247,3 +1247,96 @@ def test_checkpoint_records_the_encoder_hashes_and_resume_checks_them(refer_root
     with pytest.raises(SystemExit) as e:
         train.main(["--resume", "auto", "--out-dir", str(out), "--clip-checkpoint", str(other), "--no-progress"])
     assert f"--clip-checkpoint {other} holds other CLIP text tower weights" in str(e.value.code)
+
+
+# --- Training curves: curves.png and TensorBoard scalars ---
+
+def _has_tensorboard() -> bool:
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def curves_run(tmp_path_factory):
+    """A real 2-epoch tiny run (validation after each epoch), with --tensorboard when the package is present."""
+    out = tmp_path_factory.mktemp("curves")
+    train.main([*TINY, "--train-limit", "48", "--val-limit", "8", "--epochs", "2", "--batch-size", "4",
+                "--out-dir", str(out), *(["--tensorboard"] if _has_tensorboard() else [])])
+    return out
+
+
+def _curve_checks(path: pathlib.Path) -> None:
+    """The picture's size, its colours, and that the loss line (matplotlib's first colour, C0) rises and falls."""
+    pixels = np.asarray(Image.open(path).convert("RGB"))
+    assert pixels.shape == (512, 800, 3)  # 10 x 6.4 inches at 80 dpi
+    colours = {tuple(c) for c in pixels.reshape(-1, 3)[::7]}
+    assert len(colours) > 30  # lines, legends, text and grid, not a blank canvas
+    top_left = pixels[:256, :400].astype(int)
+    loss_line = np.abs(top_left - np.array([31, 119, 180])).sum(-1) < 40  # "tab:blue"
+    rows = np.nonzero(loss_line.any(1))[0]
+    assert loss_line.sum() > 50 and rows.max() - rows.min() > 8  # a curve that varies, not a flat line
+
+
+def test_curves_png_is_written_at_validation_and_shows_the_run(curves_run):
+    """A run draws <out-dir>/curves.png at its validations: 800 x 512 px, many colours, a varying loss curve."""
+    assert (curves_run / "curves.png").is_file() and not list(curves_run.glob(".*.tmp"))
+    _curve_checks(curves_run / "curves.png")
+
+
+def test_plot_redraws_the_curves_of_a_finished_run(curves_run, tmp_path, capsys):
+    """train.py --plot RUN_DIR draws curves.png from metrics.jsonl alone; a missing or damaged file is one line."""
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "metrics.jsonl").write_text((curves_run / "metrics.jsonl").read_text())
+    train.main(["--plot", str(copy)])
+    assert "wrote" in capsys.readouterr().out
+    _curve_checks(copy / "curves.png")
+    with pytest.raises(SystemExit, match="metrics.jsonl does not exist: expected the metrics.jsonl of a train.py"):
+        train.main(["--plot", str(tmp_path / "absent")])
+    (copy / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\nnot json\n')
+    with pytest.raises(SystemExit, match="metrics.jsonl line 2 is not a metrics.jsonl record"):
+        train.main(["--plot", str(copy)])
+
+
+def test_plot_without_matplotlib_is_a_note_in_training_and_an_error_for_plot(curves_run, tmp_path, monkeypatch,
+                                                                           capsys):
+    """Without matplotlib a training run prints one note (once) and goes on; --plot stops with one line."""
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if not installed
+    (tmp_path / "metrics.jsonl").write_text((curves_run / "metrics.jsonl").read_text())
+    opts = train.TrainOptions(out_dir=str(tmp_path))
+    run = type("RunLike", (), {"main_process": True, "opts": opts, "out_dir": tmp_path, "curves_note": False})()
+    train.write_curves(run)
+    train.write_curves(run)
+    assert capsys.readouterr().out.count("note: no curves.png: matplotlib is not installed") == 1
+    assert not (tmp_path / "curves.png").exists()
+    with pytest.raises(SystemExit, match="--plot needs matplotlib"):
+        train.main(["--plot", str(tmp_path)])
+
+
+def test_tensorboard_scalars_equal_the_metrics_jsonl_records(curves_run):
+    """--tensorboard writes event files whose train/loss, train/lr and val/oIoU scalars are metrics.jsonl's."""
+    if not _has_tensorboard():
+        pytest.skip("the tensorboard package is not installed (optional: pip install tensorboard)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    runs = list((curves_run / "tensorboard").iterdir())
+    assert len(runs) == 1
+    events = EventAccumulator(str(runs[0]))
+    events.Reload()
+    records = [json.loads(line) for line in (curves_run / "metrics.jsonl").read_text().splitlines()]
+    for tag, kind, key in (("train/loss", "train", "loss"), ("train/lr", "train", "lr"), ("val/oIoU", "eval", "oIoU")):
+        expected = [(r["step"], r[key]) for r in records if r["kind"] == kind]
+        got = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert len(got) == len(expected) > 0, tag
+        for (step, value), (want_step, want) in zip(got, expected):
+            assert step == want_step and value == pytest.approx(want, rel=1e-6), tag
+
+
+def test_tensorboard_missing_is_a_one_line_error_before_anything_is_written(tmp_path, monkeypatch):
+    """--tensorboard without the tensorboard package stops with one line and leaves no run folder."""
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(SystemExit, match="--tensorboard needs the tensorboard package: pip install tensorboard"):
+        train.main([*TINY, "--max-steps", "1", "--out-dir", str(tmp_path / "run"), "--tensorboard"])
+    assert not (tmp_path / "run").exists()
