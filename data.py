@@ -776,7 +776,7 @@ class ShapesDataset(Dataset):
         load_images: False skips rendering the picture (item "image" is an empty tensor).
         load_masks: False skips the ground truth (item "mask" is an empty tensor).
     Raises:
-        ValueError: unknown split.
+        ValueError: unknown split, or num_images < 1.
     """
 
     def __init__(self, split="train", num_images=None, image_size=128,
@@ -788,6 +788,8 @@ class ShapesDataset(Dataset):
         self.load_masks = load_masks
         self.context_length = context_length
         n = SHAPES_NUM_IMAGES[split] if num_images is None else num_images
+        if n < 1:
+            raise ValueError(f"shapes {split} split: num_images must be >= 1, got {n}")
         self.scenes = [make_scene(np.random.default_rng([seed, SHAPES_SPLITS[split], i])) for i in range(n)]
         # (image id, object index, expression) per item, scene by scene
         self.items = [(i, obj, expr) for i, s in enumerate(self.scenes) for obj, expr in s.items]
@@ -1050,7 +1052,7 @@ class FeatureCache:
 
 
 def build_dataset(name, split, *, root=None, split_by=None, image_size, context_length=None,
-                  image_dir=None, load_images=True, load_masks=True) -> Dataset:
+                  image_dir=None, load_images=True, load_masks=True, num_images=None) -> Dataset:
     """One entry point for every dataset.
 
     Args:
@@ -1062,16 +1064,20 @@ def build_dataset(name, split, *, root=None, split_by=None, image_size, context_
         load_images: False skips pixels (item "image" is an empty tensor).
         load_masks: False skips the padded ground truth (item "mask" is an empty tensor; evaluation
             reads `original_mask` instead).
+        num_images: shapes only: scenes in the split (None: `SHAPES_NUM_IMAGES`).
     Returns:
         a Dataset of item dicts.
     Raises:
-        ValueError: unknown name, or a RefCOCO-family name without a root.
+        ValueError: unknown name, a RefCOCO-family name without a root or with num_images.
     """
     if name == "shapes":
         return ShapesDataset(split=split, image_size=image_size, context_length=context_length or DEFAULT_CONTEXT_LENGTH["shapes"],
-                             load_images=load_images, load_masks=load_masks)
+                             load_images=load_images, load_masks=load_masks, num_images=num_images)
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected 'shapes' or one of {sorted(DATASETS)}")
+    if num_images is not None:
+        raise ValueError(f"num_images={num_images} is for the generated shapes dataset; {name!r} reads its "
+                         f"images from its annotation files")
     if root is None:
         raise ValueError(f"dataset {name!r} needs root=<refer data root>. {_WHERE_FROM}")
     return RefDataset(root, dataset=name, split_by=split_by, split=split, image_size=image_size,

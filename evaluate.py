@@ -610,8 +610,9 @@ def eval_batches(image_ids, batch_size: int, *, rank: int = 0, world: int = 1) -
 def evaluate_model(model: torch.nn.Module, dataset, *, batch_size: int = 8, device: str | torch.device = "cpu",
                    eval_size: int | None = None, threshold: float = 0.5, precision: str = "auto",
                    workers: int = 0, vis: int = 0, vis_dir: str | os.PathLike | None = None,
-                   progress: bool = True, desc: str = "eval", cache: data.FeatureCache | None = None) -> dict:
-    """Score every item (every sentence of every ref) of a dataset.
+                   progress: bool = True, desc: str = "eval", cache: data.FeatureCache | None = None,
+                   limit: int = 0) -> dict:
+    """Score every item (every sentence of every ref) of a dataset, or its first `limit` items.
 
     Whole images are packed into batches (`eval_batches`) and each distinct image of a batch is
     encoded once (`data.collate_images`), so an image is encoded once per split unless it has more
@@ -633,13 +634,15 @@ def evaluate_model(model: torch.nn.Module, dataset, *, batch_size: int = 8, devi
         progress: show a tqdm bar.  desc: the bar's label.
         cache: optional `open_feature_cache(model, dataset, ...)`: the frozen encoder's outputs come
             from it (the dataset may then be built with load_images=False).
+        limit: score items 0 .. limit - 1 only (0 = every item).
 
     Returns:
         `RISMetrics.compute()` dict.
     """
     device = torch.device(device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-    batches = eval_batches(dataset.image_ids, batch_size, rank=rank, world=world)
+    image_ids = list(dataset.image_ids)[:limit] if limit > 0 else dataset.image_ids
+    batches = eval_batches(image_ids, batch_size, rank=rank, world=world)
     # A fixed generator: creating the loader must not draw from the global RNG (exact resume in train.py).
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                                          collate_fn=data.collate_images, generator=torch.Generator().manual_seed(0))
@@ -757,6 +760,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score on an R x R square resize (480 = LAVT/MagNet) instead of the original resolution")
     p.add_argument("--threshold", type=float, default=0.5, help="foreground where sigmoid(logit) > threshold")
     p.add_argument("--vis", type=int, default=0, help="write overlay PNGs of the first N pairs of each split")
+    p.add_argument("--limit", type=int, default=0,
+                   help="score only the first N pairs of each split (default: 0 = every pair)")
     p.add_argument("--out-dir", default=None, help="where the JSON and overlays go (default: the checkpoint's folder)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.add_argument("--feature-cache", default=None, metavar="DIR",
@@ -850,6 +855,10 @@ def _run(args: argparse.Namespace, ckpt: dict, *, rank: int, world: int, device:
     image_dir = args.image_dir or opts.get("image_dir")
     splits = parse_splits(args.split, dataset_name, split_by)
     proto = protocol(eval_size=args.eval_size, threshold=args.threshold, image_size=cfg.image_size)
+    if args.limit < 0:
+        raise SystemExit(f"error: --limit must be >= 0 (0 = every pair), got {args.limit}")
+    if args.limit:
+        proto["pairs"] = f"the first {args.limit} sentences of each split (--limit)"
     results: dict[str, dict] = {}
     start = time.time()
     # The encoder weights' hash (a full read of them) is taken once, not once per split's cache.
@@ -858,10 +867,13 @@ def _run(args: argparse.Namespace, ckpt: dict, *, rank: int, world: int, device:
     for split in splits:
         try:
             # With a feature cache the pixels are only read to fill missing cache entries.
+            # The shapes split a run trained on has the scenes it trained on (train.py --train-scenes).
+            scenes = (opts.get("train_scenes") if dataset_name == "shapes" and split == opts.get("train_split")
+                      else None)
             ds = data.build_dataset(dataset_name, split, root=data_root, split_by=split_by,
                                     image_size=cfg.image_size, context_length=cfg.context_length,
                                     image_dir=image_dir, load_images=args.feature_cache is None,
-                                    load_masks=False)  # scored against original_mask(index)
+                                    load_masks=False, num_images=scenes)  # scored against original_mask(index)
         except (FileNotFoundError, ValueError, KeyError) as e:
             raise SystemExit(f"error: {e}") from None
         cache = None if args.feature_cache is None else open_feature_cache(
@@ -870,7 +882,7 @@ def _run(args: argparse.Namespace, ckpt: dict, *, rank: int, world: int, device:
             model, ds, batch_size=args.batch_size, device=device, eval_size=args.eval_size,
             threshold=args.threshold, precision=args.precision, workers=args.workers,
             vis=args.vis, vis_dir=out_dir / "vis" / split, progress=not args.no_progress and rank == 0, desc=split,
-            cache=cache)
+            cache=cache, limit=args.limit)
     results = without_nan(results)  # a split with no pairs has no score: None, not NaN
     if rank != 0:  # every rank holds the all-reduced results; one writes them
         return results

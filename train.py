@@ -71,6 +71,8 @@ class TrainOptions:
     val_limit: int = _opt(0, "score only the first N validation items (0 = the whole split)")
     train_limit: int = _opt(0, "train on the first N training items only (0 = the whole split; quick checks, "
                                "benchmarks)")
+    train_scenes: int | None = _opt(None, "shapes only: scenes the generator makes for the training split (scene i "
+                                          "is the same for every N, so a larger N adds scenes)", "see AUTO")
     # model
     preset: str | None = _opt(None, "model preset: tiny | vit_b | vit_l | vit_h", "tiny for shapes, else vit_b")
     sam_checkpoint: str | None = _opt(None, "official SAM weights (sam_vit_b_01ec64.pth, ...); none = random encoder")
@@ -156,6 +158,8 @@ def resolve_options(opts: TrainOptions) -> TrainOptions:
         check_precision(opts.precision)
     except ValueError as e:
         raise SystemExit(f"error: --{e}") from None
+    if opts.dataset != "shapes" and opts.train_scenes is not None:
+        raise SystemExit(f"error: --train-scenes is for the generated shapes dataset, not {opts.dataset}")
     kind = "shapes" if opts.dataset == "shapes" else "refcoco"
     values = dataclasses.asdict(opts)
     for key, value in AUTO[kind].items():
@@ -412,11 +416,14 @@ def train(opts: TrainOptions, explicit: dict) -> dict:
     """Run a training job (called by `main`; see the module docstring).
 
     Returns:
-        dict(step, epoch, best_oIoU, val=last validation metrics or None, out_dir, stopped_by).
+        dict(step, epoch, best_oIoU, val=last validation metrics or None, out_dir, stopped_by,
+             seconds=dict(total, train, validation: wall seconds of the loop, setup: before it; cpu,
+                          setup_cpu: process CPU seconds of the same)).
 
     Raises:
         SystemExit: missing data, a bad option, a non-finite loss (names the step).
     """
+    setup_start, setup_cpu_start = time.time(), time.process_time()  # dataset generation, model build
     rank, world, device = setup_distributed(opts.device)  # torchrun: join the process group
     main_process = rank == 0
 
@@ -449,7 +456,7 @@ def train(opts: TrainOptions, explicit: dict) -> dict:
         kw = dict(root=opts.data_root, split_by=opts.split_by, image_size=size,
                   context_length=config["context_length"], image_dir=opts.image_dir,
                   load_images=opts.feature_cache is None)
-        train_set = data.build_dataset(opts.dataset, opts.train_split, **kw)
+        train_set = data.build_dataset(opts.dataset, opts.train_split, **kw, num_images=opts.train_scenes)
         # Validation scores against original_mask(index) (evaluate_model): no padded mask per item.
         val_set = (data.build_dataset(opts.dataset, opts.val_split, **kw, load_masks=False) if opts.val_split
                    else None)
@@ -562,12 +569,15 @@ def train(opts: TrainOptions, explicit: dict) -> dict:
             print("add-ons: " + ", ".join(extras))
     log_path = out_dir / "metrics.jsonl"
 
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
+    # Wall seconds spent scoring the validation split (the rest of the loop's time is training).
+    timing = {"validation": 0.0, "validations": 0}
 
     def log(record: dict) -> None:
         if main_process:
             with open(log_path, "a") as f:  # NaN (an empty validation split's metrics) is written as null
-                f.write(json.dumps(without_nan({**record, "seconds": round(time.time() - start, 2)})) + "\n")
+                f.write(json.dumps(without_nan({**record, "seconds": round(time.time() - start, 2),
+                                                "cpu_seconds": round(time.process_time() - cpu_start, 2)})) + "\n")
 
     def checkpoint(path: pathlib.Path) -> None:
         """Write a checkpoint (every rank calls it: the RNG states are gathered to rank 0)."""
@@ -598,9 +608,12 @@ def train(opts: TrainOptions, explicit: dict) -> dict:
         nonlocal best
         if val_set is None:
             return None
+        val_start = time.time()
         metrics = evaluate_model(model, val_set, batch_size=opts.batch_size, device=device,
                                  precision=opts.precision, workers=opts.workers, cache=val_cache,
                                  progress=opts.progress and main_process, desc=f"val {opts.val_split}")
+        timing["validation"] += time.time() - val_start
+        timing["validations"] += 1
         log({"kind": "eval", "step": step, "epoch": epoch, "split": opts.val_split, **metrics})
         improved = metrics["oIoU"] > best
         if main_process:
@@ -723,14 +736,26 @@ def train(opts: TrainOptions, explicit: dict) -> dict:
         if saved_at != step or final_validation:
             save_last()  # after the final validation too, so last.pt holds the final best score
         reason = (stop.signal or "a signal on another rank") if stopping else None
+        total = time.time() - start
+        seconds = {"setup": round(start - setup_start, 2), "total": round(total, 2),
+                   "train": round(total - timing["validation"], 2), "validation": round(timing["validation"], 2),
+                   "cpu": round(time.process_time() - cpu_start, 2),
+                   "setup_cpu": round(cpu_start - setup_cpu_start, 2)}
         if main_process:
             print(f"saved {out_dir / 'last.pt'} at step {step}" + (f" (stopped by {reason})" if reason else "")
                   + (f"; best val oIoU {100 * best:.2f}" if best >= 0 else ""))
+            # Training = the steps and checkpoints; process CPU time counts every thread of this process.
+            passes = timing["validations"]
+            scored = (f" + validation {seconds['validation']:.1f} s ({passes} pass{'es' * (passes != 1)} over "
+                      f"{len(val_set)} pairs) = {seconds['total']:.1f} s" if passes else "")
+            print(f"time: training {seconds['train']:.1f} s{scored} wall, after {seconds['setup']:.1f} s of setup "
+                  f"(data, model); process CPU {seconds['cpu']:.1f} s (+ {seconds['setup_cpu']:.1f} s setup), "
+                  f"{torch.get_num_threads()} torch threads")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return {"step": step, "epoch": epoch, "best_oIoU": best, "val": val_metrics, "out_dir": str(out_dir),
-            "stopped_by": reason}
+            "stopped_by": reason, "seconds": seconds}
 
 
 class _Head(torch.utils.data.Dataset):

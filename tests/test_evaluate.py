@@ -287,6 +287,15 @@ class _CountingModel(_OracleModel):
         return super().forward(images, ids, word_mask, image_index=image_index)
 
 
+def test_evaluate_model_limit_scores_the_first_items():
+    """limit=k scores items 0..k-1 only: k pairs, and no picture of a later item is encoded."""
+    ds = _SharedImages([1, 1, 3])  # item order: pictures 0, 1, 2, 2, 2
+    model = _CountingModel(ds.size)
+    out = evaluate.evaluate_model(model, ds, batch_size=8, progress=False, limit=2)
+    assert out["count"] == 2 and sorted(model.rows) == [0, 1]
+    assert evaluate.evaluate_model(_CountingModel(ds.size), ds, progress=False, limit=0)["count"] == 5
+
+
 @pytest.mark.parametrize("sentences", [[7, 7, 7], [7, 3, 5, 1, 8, 2], [10, 3, 17]])
 def test_evaluate_model_encodes_each_image_once_per_split(sentences):
     """Whole images are packed into batches: with batch 8, an image of n sentences is encoded
@@ -320,7 +329,7 @@ def tiny_checkpoint(tmp_path_factory):
     import train
     out = tmp_path_factory.mktemp("ckpt")
     train.main(["--max-steps", "1", "--image-size", "64", "--batch-size", "2", "--val-split", "",
-                "--no-progress", "--out-dir", str(out)])
+                "--train-scenes", "4", "--no-progress", "--out-dir", str(out)])
     return out / "last.pt"
 
 
@@ -357,6 +366,22 @@ def test_split_without_pairs_is_null_in_json_and_dash_in_table(tiny_checkpoint, 
     assert results["val"]["mIoU"] is None and results["val"]["Prec@0.9"] is None
     row = next(line for line in printed.splitlines() if line.startswith("val "))
     assert row.split() == ["val", *["-"] * (2 + len(evaluate.PREC_THRESHOLDS)), "0"]
+
+
+def test_train_split_is_the_runs_training_scenes(tiny_checkpoint, tmp_path, capsys):
+    """--split train scores the shapes scenes the run trained on (its --train-scenes), and --limit N the first N
+    pairs; the protocol says so."""
+    import data
+    results = evaluate.main(["--ckpt", str(tiny_checkpoint), "--split", "train", "--out-dir", str(tmp_path),
+                             "--no-progress"])
+    assert results["train"]["count"] == len(data.ShapesDataset("train", num_images=4, load_images=False))
+    results = evaluate.main(["--ckpt", str(tiny_checkpoint), "--split", "train", "--split", "val", "--limit", "3",
+                             "--out-dir", str(tmp_path), "--no-progress"])
+    assert results["train"]["count"] == results["val"]["count"] == 3
+    report = json.loads((tmp_path / "eval_shapes.json").read_text())
+    assert report["protocol"]["pairs"] == "the first 3 sentences of each split (--limit)"
+    with pytest.raises(SystemExit, match="--limit must be >= 0"):
+        evaluate.main(["--ckpt", str(tiny_checkpoint), "--limit", "-1", "--no-progress"])
 
 
 def test_single_image_mode_writes_overlay_and_mask(tiny_checkpoint, tmp_path):

@@ -8,6 +8,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -94,9 +95,9 @@ def log_records(out, kind):
 
 
 def shapes_args(out, *extra):
-    """A short shapes run: 16 training items, batch 4 (4 steps per epoch), no validation."""
-    return ["--out-dir", str(out), "--batch-size", "4", "--train-limit", "16", "--val-split", "", "--lr", "1e-3",
-            "--warmup-steps", "1", *TINY, *extra]
+    """A short shapes run: 16 training items (of 8 generated scenes), batch 4 (4 steps per epoch), no validation."""
+    return ["--out-dir", str(out), "--batch-size", "4", "--train-scenes", "8", "--train-limit", "16", "--val-split", "",
+            "--lr", "1e-3", "--warmup-steps", "1", *TINY, *extra]
 
 
 # --- options ---
@@ -549,6 +550,44 @@ def test_end_to_end_refer_fixture(refer_root, tmp_path, capsys):
     """The same train / resume / evaluate path on the self-written refer-layout fixture."""
     results = _train_resume_evaluate(refer_root, tmp_path, capsys)
     assert [results[s]["count"] for s in ("val", "testA", "testB")] == [6, 6, 6]
+
+
+# --- the shapes demo: training scenes, timing ---
+
+def test_train_scenes_sets_the_shapes_training_split(tmp_path):
+    """--train-scenes N trains on the first N generated scenes: one epoch is len(those items) // batch steps."""
+    expected = len(data.ShapesDataset("train", num_images=3, load_images=False)) // 4
+    out = tmp_path / "run"
+    result = train.main(shapes_args(out, "--train-limit", "0", "--train-scenes", "3", "--epochs", "1",
+                                    "--max-steps", "40"))
+    assert 0 < expected < 40 and result["step"] == expected
+    assert torch.load(out / "last.pt", weights_only=True)["options"]["train_scenes"] == 3
+
+
+def test_train_scenes_is_refused_for_refcoco(tmp_path):
+    """--train-scenes with a RefCOCO-family dataset stops with a one-line error naming the option."""
+    with pytest.raises(SystemExit, match="--train-scenes is for the generated shapes dataset, not refcoco"):
+        train.main(["--dataset", "refcoco", "--data-root", str(tmp_path), "--train-scenes", "10", *TINY])
+
+
+def test_run_reports_training_and_validation_time(tmp_path, capsys, monkeypatch):
+    """The run prints and returns its wall time split into training and validation (validation slowed by 0.3 s
+    per pass here, so the split is checked), and its process CPU time."""
+    score = train.evaluate_model
+
+    def slow_score(*args, **kw):
+        time.sleep(0.3)
+        return score(*args, **kw)
+    monkeypatch.setattr(train, "evaluate_model", slow_score)
+    result = train.main(shapes_args(tmp_path / "run", "--val-split", "val", "--val-limit", "4", "--epochs", "2"))
+    seconds = result["seconds"]
+    assert seconds["validation"] >= 0.6  # two passes, one per epoch
+    assert seconds["train"] == pytest.approx(seconds["total"] - seconds["validation"], abs=0.02)
+    assert 0 < seconds["train"] < seconds["total"] - 0.6 + 0.02 and seconds["cpu"] > 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("time:")]
+    assert len(line) == 1
+    assert f"training {seconds['train']:.1f} s + validation {seconds['validation']:.1f} s (2 passes over 4 pairs)" \
+        in line[0]
 
 
 # --- GPU ---
