@@ -1,7 +1,8 @@
 """Data for MARIS: CLIP BPE tokenizer, SAM image/mask transforms, RefCOCO-family datasets read
-straight from the `refer` file layout, and the built-in synthetic "shapes" referring dataset.
+straight from the `refer` file layout, the generalized datasets gRefCOCO (one, several or no
+target per expression) and PhraseCut, and the built-in synthetic "shapes" / "shapes-gres" datasets.
 
-Everything between files on disk and the tensors the model eats (DESIGN.md §5). Every dataset
+Everything between files on disk and the tensors the model eats. Every dataset
 item is one dict with the same keys in every split (see `_make_item`).
 
 Shape letters: B batch, S padded input side, L text tokens (context length), H x W an original
@@ -9,6 +10,7 @@ image, h2 x w2 the image after resizing its longest side to S.
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import html
@@ -19,14 +21,15 @@ import pickle
 import tempfile
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
+from typing import NamedTuple
 
 import ftfy
 import numpy as np
 import regex
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
@@ -160,7 +163,8 @@ def tokenize(texts: str | list[str], context_length: int) -> tuple[torch.Tensor,
         context_length: L, the row length (at least 2: SOT and EOT).
     Returns:
         ids LongTensor (B, L): SOT, tokens, EOT, then PAD_ID; an overflowing expression keeps SOT,
-        is cut, and gets EOT in the last slot (CLIP's `truncate=True`).
+        is cut, and gets EOT in the last slot (CLIP's `truncate=True`), with one
+        `TextTruncatedWarning` per call saying how many tokens were kept (`fit_text` gives the text read).
         word_mask BoolTensor (B, L): True from SOT through EOT. Built from the lengths, never from
         `ids == 0`, because id 0 is the real token "!".
     Raises:
@@ -173,14 +177,19 @@ def tokenize(texts: str | list[str], context_length: int) -> tuple[torch.Tensor,
     tok = get_tokenizer()
     ids = torch.full((len(texts), context_length), PAD_ID, dtype=torch.long)  # (B, L)
     lengths = torch.zeros(len(texts), dtype=torch.long)  # (B,)
+    cut = []  # (row, text tokens) of every expression longer than L - 2 text tokens
     for b, text in enumerate(texts):
-        row = [SOT_ID, *tok.encode(text), EOT_ID]
+        tokens = tok.encode(text)
+        row = [SOT_ID, *tokens, EOT_ID]
         if len(row) > context_length:
             row = row[:context_length]
             row[-1] = EOT_ID
+            cut.append((b, len(tokens)))
         ids[b, : len(row)] = torch.tensor(row)
         lengths[b] = len(row)
     word_mask = torch.arange(context_length)[None, :] < lengths[:, None]  # (B, L)
+    if cut:
+        _warn_cut(texts, cut, context_length)
     return ids, word_mask
 
 
@@ -200,6 +209,56 @@ def decode(ids: torch.Tensor) -> str | list[str]:
             row = row[: row.index(EOT_ID)]
         return get_tokenizer().decode(row).strip()
     return [decode(r) for r in ids]
+
+
+# --- Expressions longer than the context length: say so, and say what the model reads ---
+
+class TextTruncatedWarning(UserWarning):
+    """An expression had more tokens than the context length L holds; the model reads only the first ones."""
+
+
+class FittedText(NamedTuple):
+    """What the model reads of one expression (`fit_text`). Token counts leave out SOT and EOT."""
+
+    text: str  # the kept tokens decoded (CLIP's cleaned, lower-cased form)
+    kept: int  # tokens the model reads: min(total, L - 2)
+    total: int  # tokens of the whole expression
+
+    @property
+    def cut(self) -> bool:
+        return self.kept < self.total
+
+
+def fit_text(text: str, context_length: int) -> FittedText:
+    """The part of `text` that fits in a `tokenize(text, context_length)` row, decoded, with token counts.
+
+    Args:
+        text: one expression.  context_length: L (at least 2).
+    Returns:
+        FittedText(text, kept, total): `text` is `decode` of the kept ids, so it is what the model reads.
+    Raises:
+        ValueError: context_length < 2.
+    """
+    if context_length < 2:
+        raise ValueError(f"context_length must be at least 2 (SOT and EOT), got {context_length}")
+    tokens = get_tokenizer().encode(text)
+    kept = tokens[: context_length - 2]  # the same cut as `tokenize`: SOT + kept + EOT = L
+    return FittedText(get_tokenizer().decode(kept).strip(), len(kept), len(tokens))
+
+
+def _warn_cut(texts: list[str], cut: list[tuple[int, int]], context_length: int) -> None:
+    """One TextTruncatedWarning for a `tokenize` call that cut `cut` = [(row, tokens), ...]."""
+    keep = context_length - 2
+    if len(texts) == 1:
+        read = fit_text(texts[0], context_length).text
+        message = (f"expression cut to the context length L = {context_length}: the model reads {keep} of its "
+                   f"{cut[0][1]} tokens: \"{read}\"")
+    else:
+        first, tokens = cut[0]
+        message = (f"{len(cut)} of {len(texts)} expressions are longer than the context length L = {context_length} "
+                   f"and were cut to {keep} tokens (the longest has {max(n for _, n in cut)}; the first cut is "
+                   f"#{first}, kept {keep} of {tokens}); data.fit_text(text, L) gives what the model reads")
+    warnings.warn(message, TextTruncatedWarning, stacklevel=3)  # points at the caller of tokenize
 
 
 # ============================================================================================
@@ -225,7 +284,7 @@ def transform_image(image: Image.Image | np.ndarray, size: int) -> tuple[torch.T
     what SAM's own `ResizeLongestSide.apply_image` does through torchvision's PIL path.
 
     Args:
-        image: PIL image (any mode, converted to RGB) or uint8 array (H, W, 3).
+        image: PIL image (any mode, converted by `load_rgb`; orientation as given) or uint8 array (H, W, 3).
         size: S.
     Returns:
         FloatTensor (3, S, S) and the resized size (h2, w2).
@@ -237,7 +296,7 @@ def transform_image(image: Image.Image | np.ndarray, size: int) -> tuple[torch.T
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"transform_image expects a uint8 (H, W, 3) array, got {image.dtype} {image.shape}")
         image = Image.fromarray(image)
-    image = image.convert("RGB")
+    image = load_rgb(image)  # 16-bit grey scaled, transparency composited (not image.convert("RGB"))
     h2, w2 = resize_longest_side(image.height, image.width, size)
     resized = np.asarray(image.resize((w2, h2), Image.BILINEAR), dtype=np.float32)  # (h2, w2, 3)
     x = torch.from_numpy(resized).permute(2, 0, 1)  # (3, h2, w2)
@@ -302,12 +361,133 @@ def valid_mask(input_size, size: int) -> torch.Tensor:
     return out[0] if single else out
 
 
-def _make_item(index, image_t, mask, orig_size, ids, word_mask, image_size, ref_id, sent_id, image_id, sentence):
+# ============================================================================================
+# --- Reading images: EXIF orientation and pixel modes -> the 8-bit RGB picture the model sees ---
+# ============================================================================================
+# Orientation. Cameras and phones often store a portrait photo as a landscape bitmap plus an EXIF
+# Orientation tag (2..8: mirror and/or rotate) that viewers apply. A user's photo is turned upright
+# before the model reads "on the left" in it (`exif_transpose=True`, PIL's ImageOps.exif_transpose).
+# Dataset images are read as stored (`exif_transpose=False`), because that is the frame their ground
+# truth is drawn in:
+# - COCO's instances.json records each file's stored width x height, and the refer API rasterises the
+#   masks at that size (refer.py getMask: frPyObjects(seg, height, width)); the RIS training code that
+#   pairs them with pixels (LAVT's and its descendants' refer datasets) reads the image with PIL's
+#   Image.open(...).convert("RGB"), which does not apply the tag.
+# - PhraseCut draws its masks at image_data_split.json's width x height and its own viewer reads the
+#   picture with PIL's Image.open, without exif_transpose (PhraseCutDataset utils/visualize_utils.py).
+# - No COCO image needs turning: detectron2 applies exif_transpose to every image it reads and checks
+#   the result against instances.json's size (detection_utils.check_image_size), and it trains on COCO
+#   without size errors, so no COCO file carries a 90-degree tag.
+# A file that carries a tag anyway is used as stored (turning it would misalign its masks, and a
+# 90-degree turn swaps width and height against the annotation), with an ExifOrientationWarning.
+
+EXIF_ORIENTATION_TAG = 0x0112  # 274: the EXIF / TIFF Orientation tag
+# Transparent pixels are laid over SAM's pixel mean, which normalises to (almost) 0: the value of the
+# padding, i.e. what the model already sees where there is no picture.
+TRANSPARENT_BACKGROUND = tuple(round(v) for v in SAM_PIXEL_MEAN)  # (124, 116, 104)
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_16_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")  # unsigned 16-bit grey (PNG/TIFF 16-bit open as these)
+
+
+class ExifOrientationWarning(UserWarning):
+    """An image file carries an EXIF Orientation tag that `load_rgb(..., exif_transpose=False)` leaves unapplied."""
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """EXIF Orientation of a PIL image: 1 = upright as stored (also when absent or invalid), 2..8 = mirror/turn."""
+    value = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def load_rgb(source: str | os.PathLike | Image.Image, *, exif_transpose: bool = False) -> Image.Image:
+    """The 8-bit RGB picture the model sees, from an image file or a PIL image.
+
+    Orientation: `exif_transpose=True` turns the picture upright as its EXIF Orientation tag says
+    (PIL's ImageOps.exif_transpose): for a user's photos (single-image mode, prediction). The default
+    keeps the stored pixels: for dataset images, whose masks and recorded sizes refer to the stored
+    pixels (COCO/refer, PhraseCut; see the comment above); a file whose tag is left unapplied raises an
+    `ExifOrientationWarning`.
+
+    Modes: RGB as is; L, 1, P, CMYK, YCbCr, HSV, LAB through PIL's `convert("RGB")`.
+    Transparency (RGBA, LA, PA, P or RGB with a transparent colour) is composited over
+    `TRANSPARENT_BACKGROUND`, SAM's pixel mean (the padding's colour to the model).
+    Grey images wider than 8 bits become grey RGB: 16-bit (I;16, I;16B, ...) on the full 16-bit
+    scale, v / 257 rounded (65535 -> 255, 32768 -> 128: the 8-bit value a viewer shows); 32-bit I
+    with values in 0..65535 on the same scale (16-bit PNG/TIFF files open as I in some readers);
+    float F in [0, 1] times 255, F in [0, 255] as is (PIL's own float scale). Other values (negative,
+    above those ranges) have no standard white point: they are stretched from their own min..max to
+    0..255 (a constant picture is black), with a UserWarning.
+
+    Args:
+        source: path of an image file, or a PIL image (any mode; it is not modified).
+        exif_transpose: apply the EXIF Orientation tag (True) or keep the stored pixels (False).
+    Returns:
+        PIL image, mode "RGB"; size (W, H) as stored, or turned by the tag when exif_transpose is set.
+    Raises:
+        FileNotFoundError: no such file. ValueError: an unreadable or corrupt file, a mode with no RGB
+            conversion, or NaN / infinite pixels in a float image (the message names the file).
+    """
+    if isinstance(source, Image.Image):
+        return _to_rgb(source, "image", exif_transpose=exif_transpose, warn_orientation=False)
+    path = pathlib.Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} not found")
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode inside the try: a truncated file fails here, named
+            return _to_rgb(img, str(path), exif_transpose=exif_transpose, warn_orientation=True)
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"image {path} is corrupt or not an image ({e}): expected a picture file that Pillow "
+                         f"reads (JPEG, PNG, TIFF, WebP, ...)") from None
+
+
+def _to_rgb(img: Image.Image, name: str, *, exif_transpose: bool, warn_orientation: bool) -> Image.Image:
+    """`load_rgb` after opening: orientation, then the mode rules."""
+    if exif_transpose:
+        img = ImageOps.exif_transpose(img)  # a turned copy without the tag (a plain copy when upright)
+    elif warn_orientation and exif_orientation(img) != 1:
+        warnings.warn(f"image {name} carries EXIF Orientation {exif_orientation(img)}; it is read as stored "
+                      "(dataset masks refer to the stored pixels)", ExifOrientationWarning, stacklevel=3)
+    mode = img.mode
+    if mode in _16_BIT_MODES or mode in ("I", "F"):
+        grey = _grey_to_uint8(np.asarray(img), mode, name)  # (H, W) uint8
+        return Image.fromarray(grey).convert("RGB")
+    if mode in _ALPHA_MODES or "transparency" in img.info:
+        img = img.convert("LA") if mode == "La" else img  # PIL converts premultiplied La only to LA
+        background = Image.new("RGBA", img.size, (*TRANSPARENT_BACKGROUND, 255))
+        return Image.alpha_composite(background, img.convert("RGBA")).convert("RGB")
+    try:
+        return img.convert("RGB")
+    except ValueError as e:
+        raise ValueError(f"image {name}: mode {mode} has no conversion to RGB ({e})") from None
+
+
+def _grey_to_uint8(values: np.ndarray, mode: str, name: str) -> np.ndarray:
+    """(H, W) pixels of a 16-bit, 32-bit or float grey image on the 8-bit scale (rules in `load_rgb`)."""
+    v = values.astype(np.float64)
+    if not np.isfinite(v).all():
+        raise ValueError(f"image {name}: mode {mode} holds NaN or infinite pixels; expected finite values")
+    lo, hi = float(v.min()), float(v.max())
+    if mode in _16_BIT_MODES or (mode == "I" and lo >= 0 and hi <= 65535):
+        v = v / 257  # 65535 / 255 = 257: the 8-bit value k, widened to 16 bits as k * 257, maps back to k
+    elif mode == "F" and lo >= 0 and hi <= 1:
+        v = v * 255
+    elif not (mode == "F" and lo >= 0 and hi <= 255):
+        warnings.warn(f"image {name}: mode {mode} pixels span {lo:g}..{hi:g}, outside the usual ranges; "
+                      "stretched to black..white", UserWarning, stacklevel=4)
+        v = (v - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(v)
+    return np.rint(v).clip(0, 255).astype(np.uint8)
+
+
+def _make_item(index, image_t, mask, orig_size, ids, word_mask, image_size, ref_id, sent_id, image_id, sentence,
+               no_target=False):
     """The one item dict shared by every dataset (same keys in every split).
 
     `image_t` is the transformed image (3, S, S) or None (load_images=False: an empty tensor, shape (0,)).
     `mask` is the original-resolution bool mask or None (load_masks=False: an empty tensor, shape (0,);
     evaluation scores against `original_mask` and needs no padded copy).
+    `no_target` is True for an expression that refers to nothing (gRefCOCO `ann_id == [-1]`,
+    shapes-gres); False everywhere else, so batches of every dataset have the same keys.
     """
     H, W = orig_size
     input_size = resize_longest_side(H, W, image_size)
@@ -325,6 +505,7 @@ def _make_item(index, image_t, mask, orig_size, ids, word_mask, image_size, ref_
         "image_id": int(image_id),
         "sentence": sentence,
         "index": int(index),
+        "no_target": bool(no_target),
     }
 
 
@@ -350,20 +531,27 @@ class _TransformedImages:
 
 
 # ============================================================================================
-# --- RefCOCO, RefCOCO+, G-Ref in the refer layout (DESIGN.md §5) ---
+# --- RefCOCO, RefCOCO+, G-Ref in the refer layout (the refer API's files) ---
 # ============================================================================================
 
-DATASETS = {"refcoco": ("unc", "google"), "refcoco+": ("unc",), "refcocog": ("umd", "google")}
+# Dataset name -> its partitions (split_by); PhraseCut has none (None, like shapes).
+DATASETS = {"refcoco": ("unc", "google"), "refcoco+": ("unc",), "refcocog": ("umd", "google"),
+            "grefcoco": ("unc",), "phrasecut": (None,)}
+REFER_DATASETS = ("refcoco", "refcoco+", "refcocog")  # the ones RefDataset reads (refs(<split_by>).p)
 SPLITS = {
     ("refcoco", "unc"): ("train", "val", "testA", "testB"),
     ("refcoco", "google"): ("train", "val", "test"),
     ("refcoco+", "unc"): ("train", "val", "testA", "testB"),
     ("refcocog", "umd"): ("train", "val", "test"),
     ("refcocog", "google"): ("train", "val"),
+    ("grefcoco", "unc"): ("train", "val", "testA", "testB"),
+    ("phrasecut", None): ("train", "val", "test", "miniv"),
 }
 # NOTE(paper): the paper does not state L; 20 (RefCOCO/+) and 30 (G-Ref, longer expressions) follow
-# the LAVT/CRIS convention. Override with `context_length`.
-DEFAULT_CONTEXT_LENGTH = {"refcoco": 20, "refcoco+": 20, "refcocog": 30, "shapes": 20}  # L per dataset
+# the LAVT/CRIS convention; gRefCOCO takes ReLA's REFERRING.MAX_TOKENS = 20; PhraseCut's phrases
+# are short (a name, attributes, a relation). Override with `context_length`.
+DEFAULT_CONTEXT_LENGTH = {"refcoco": 20, "refcoco+": 20, "refcocog": 30, "shapes": 20,
+                          "grefcoco": 20, "phrasecut": 20, "shapes-gres": 20}  # L per dataset
 _WHERE_FROM = (
     "Expected the refer layout: <root>/<dataset>/refs(<split_by>).p and <root>/<dataset>/instances.json, "
     "images under <root>/images/mscoco/images/train2014/COCO_train2014_<12-digit id>.jpg. "
@@ -373,9 +561,9 @@ _WHERE_FROM = (
 )
 
 
-def _require_file(path: pathlib.Path) -> pathlib.Path:
+def _require_file(path: pathlib.Path, where: str = _WHERE_FROM) -> pathlib.Path:
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found. {_WHERE_FROM}")
+        raise FileNotFoundError(f"{path} not found. {where}")
     return path
 
 
@@ -438,21 +626,6 @@ def annotation_mask(ann: dict, height: int, width: int) -> np.ndarray:
     return m.reshape(height, width, -1).max(axis=2) > 0
 
 
-def load_rgb(path: pathlib.Path) -> Image.Image:
-    """Open an image file as RGB, with errors that name the file.
-
-    Raises:
-        FileNotFoundError: missing file. ValueError: unreadable or corrupt file.
-    """
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} not found. {_WHERE_FROM}")
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")  # convert forces the full decode inside the try
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"image {path} is corrupt or not an image ({e})") from None
-
-
 class RefDataset(Dataset):
     """RefCOCO / RefCOCO+ / G-Ref referring segmentation, one item per (ref, sentence).
 
@@ -475,10 +648,12 @@ class RefDataset(Dataset):
             annotation or image id. FileNotFoundError: a missing annotation file.
     """
 
+    where_from = _WHERE_FROM  # the expected layout, named in missing-file errors
+
     def __init__(self, root, dataset="refcoco", split_by=None, split="train", image_size=1024,
                  context_length=None, image_dir=None, load_images=True, load_masks=True):
-        if dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(DATASETS)}")
+        if dataset not in REFER_DATASETS:
+            raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(REFER_DATASETS)}")
         split_by = split_by or DATASETS[dataset][0]
         if split_by not in DATASETS[dataset]:
             raise ValueError(f"unknown split_by {split_by!r} for {dataset}; expected one of {DATASETS[dataset]}")
@@ -488,6 +663,7 @@ class RefDataset(Dataset):
             raise ValueError(f"unknown split {split!r} for {dataset} ({split_by}); expected one of {allowed}")
         self.root = pathlib.Path(root)
         self.dataset, self.split_by, self.split = dataset, split_by, split
+        self.image_source = "mscoco-train2014"  # COCO ids: every RefCOCO-family split shares one feature cache
         self.image_size = image_size
         self.context_length = context_length or DEFAULT_CONTEXT_LENGTH[dataset]
         self.image_dir = pathlib.Path(image_dir) if image_dir else self.root / "images/mscoco/images/train2014"
@@ -526,11 +702,14 @@ class RefDataset(Dataset):
         return self.image_dir / name
 
     def load_image(self, image_id: int) -> Image.Image:
-        """The original RGB image, checked against the size recorded in instances.json."""
-        img = load_rgb(self.image_path(image_id))
+        """The original RGB image as stored (see `load_rgb`), checked against the size in instances.json."""
+        path = self.image_path(image_id)
+        if not path.is_file():
+            raise FileNotFoundError(f"image {path} not found. {self.where_from}")
+        img = load_rgb(path)  # stored orientation: the frame of instances.json's sizes and polygons
         entry = self.images[image_id]
         if (img.height, img.width) != (entry["height"], entry["width"]):
-            raise ValueError(f"image {self.image_path(image_id)} is {img.width}x{img.height}, but instances.json "
+            raise ValueError(f"image {path} is {img.width}x{img.height}, but instances.json "
                              f"records {entry['width']}x{entry['height']} for image {image_id}")
         return img
 
@@ -548,6 +727,319 @@ class RefDataset(Dataset):
         return _make_item(index, image, mask, (entry["height"], entry["width"]),
                           self.ids[index], self.word_mask[index], self.image_size,
                           ref["ref_id"], sent["sent_id"], ref["image_id"], sent["sent"])
+
+
+# ============================================================================================
+# --- gRefCOCO: generalized referring expressions (one, several or no target) ---
+# ============================================================================================
+# Liu, Ding, Jiang, "GRES: Generalized Referring Expression Segmentation", CVPR 2023. The files
+# follow the official download (henghuiding/gRefCOCO, read by its grefer.py and ReLA's loader):
+# refs like RefCOCO's, but `ann_id` is a list of COCO annotation ids and `[-1]` means no target.
+
+_GREFCOCO_WHERE = (
+    "Expected the gRefCOCO layout: <root>/grefcoco/grefs(unc).json (or grefs(unc).p) and "
+    "<root>/grefcoco/instances.json, images under <root>/images/train2014/COCO_train2014_<12-digit id>.jpg. "
+    "gRefCOCO comes from https://github.com/henghuiding/gRefCOCO (download links in its README); the "
+    "images are COCO train2014 (https://cocodataset.org)."
+)
+NO_TARGET_ANN_IDS = [-1]  # gRefCOCO's ann_id of an expression that refers to nothing
+
+
+@lru_cache(maxsize=8)
+def _read_json_list(path: str, mtime_ns: int, what: str) -> list:
+    """A JSON file holding a list (`what` names the expected content in errors)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not {what} ({e!r})") from None
+    if not isinstance(content, list):
+        raise ValueError(f"{path} should hold {what} (a JSON list), got {type(content).__name__}")
+    return content
+
+
+class GRefDataset(RefDataset):
+    """gRefCOCO referring segmentation, one item per (ref, sentence); expressions may refer to one,
+    several or no object (GRES, CVPR 2023).
+
+    Reads `grefs(unc).p` when it exists, else `grefs(unc).json` (grefer.py's order), and
+    `instances.json`. Per ref: `ann_id` is a list (an older scalar is wrapped); `[-1]` marks a
+    no-target expression, whose ground truth is all zeros and whose item has `no_target` True.
+    Otherwise the ground truth is the union (logical OR) of the referred annotations' masks at the
+    original resolution, crowd annotations dropped (grefer.py `getMaskByRef(merge=True)`, ReLA's
+    loader); a ref whose annotations are all crowd has an empty mask with `no_target` False, as in
+    ReLA. Refs without sentences give no item. The image comes from `image_id` (the ref's
+    `file_name` may carry a `_<n>` suffix no file has), checked against instances.json's size.
+    Same item dict as RefDataset (`no_target` set). A RefDataset subclass: the pictures are COCO
+    train2014 with the same image ids, so code keyed on the image source treats them alike.
+
+    Args:
+        root: the data root (holds grefcoco/ and images/train2014/).
+        split: "train", "val", "testA" or "testB" (exact names, as grefer.py's getRefIds).
+        image_size: S. context_length: L (default 20).
+        image_dir: default <root>/images/train2014.
+        load_images, load_masks: as RefDataset.
+    Raises:
+        FileNotFoundError: grefs(unc).json/.p or instances.json missing (the layout is named).
+        ValueError: unknown split; unreadable files; a ref naming an annotation or image id that
+            instances.json lacks, an annotation of another image, or -1 mixed with real ids.
+    """
+
+    where_from = _GREFCOCO_WHERE
+
+    def __init__(self, root, split="train", image_size=1024, context_length=None, image_dir=None,
+                 load_images=True, load_masks=True):
+        names = SPLITS[("grefcoco", "unc")]
+        if split not in names:
+            raise ValueError(f"unknown split {split!r} for grefcoco (unc); expected one of {names}")
+        self.root = pathlib.Path(root)
+        self.dataset, self.split_by, self.split = "grefcoco", "unc", split
+        self.image_source = "mscoco-train2014"  # COCO train2014 ids, as the RefCOCO family: one feature cache
+        self.image_size = image_size
+        self.context_length = context_length or DEFAULT_CONTEXT_LENGTH["grefcoco"]
+        self.image_dir = pathlib.Path(image_dir) if image_dir else self.root / "images/train2014"
+        self.load_images, self.load_masks = load_images, load_masks
+
+        folder = self.root / "grefcoco"
+        pickled = folder / "grefs(unc).p"
+        if pickled.is_file():  # grefer.py prefers the pickle when both exist
+            refs_path, all_refs = pickled, _cached(_read_refs, pickled)
+        else:
+            refs_path = _require_file(folder / "grefs(unc).json", _GREFCOCO_WHERE)
+            all_refs = _cached(partial(_read_json_list, what="a gRefCOCO refs list"), refs_path)
+        inst_path = _require_file(folder / "instances.json", _GREFCOCO_WHERE)
+        images, anns = _cached(_read_instances, inst_path)
+        refs = []
+        for r in all_refs:
+            if r["split"] != split:
+                continue
+            ann_ids = [int(a) for a in (r["ann_id"] if isinstance(r["ann_id"], list) else [r["ann_id"]])]
+            where = f"{refs_path}: ref {r['ref_id']}"
+            if r["image_id"] not in images:
+                raise ValueError(f"{where} names image id {r['image_id']}, which {inst_path} does not contain")
+            if -1 in ann_ids and ann_ids != NO_TARGET_ANN_IDS:
+                raise ValueError(f"{where} mixes the no-target id -1 with annotation ids {ann_ids}")
+            for a in ann_ids:
+                if a != -1 and a not in anns:
+                    raise ValueError(f"{where} names annotation id {a}, which {inst_path} does not contain")
+                if a != -1 and anns[a]["image_id"] != r["image_id"]:
+                    raise ValueError(f"{where} (image {r['image_id']}) names annotation {a} of image "
+                                     f"{anns[a]['image_id']}")
+            refs.append({**r, "ann_id": ann_ids})  # a copy: the cached list stays as read
+        self.refs = refs
+        self.anns = {a: anns[a] for r in refs for a in r["ann_id"] if a != -1}
+        self.images = {r["image_id"]: images[r["image_id"]] for r in refs}
+        # One item per (ref, sentence); a ref with an empty `sentences` list gives none.
+        self.items = [(r, s) for r in refs for s in r["sentences"]]
+        self.image_ids = [r["image_id"] for r, _ in self.items]
+        self.sentences = [s["sent"] for _, s in self.items]
+        self.no_target = [r["ann_id"] == NO_TARGET_ANN_IDS for r, _ in self.items]
+        self.ids, self.word_mask = tokenize(self.sentences, self.context_length)  # (N, L) each
+        self._images = _TransformedImages(self.load_image, image_size)
+
+    def image_path(self, image_id: int) -> pathlib.Path:
+        """COCO_train2014_%012d.jpg from the image id (never the ref's possibly suffixed file_name)."""
+        return self.image_dir / f"COCO_train2014_{int(image_id):012d}.jpg"
+
+    def original_mask(self, index: int) -> np.ndarray:
+        """Ground truth of item `index` at the original resolution, bool (H, W): the union of the
+        referred non-crowd annotations' masks; all False for a no-target expression."""
+        ref, _ = self.items[index]
+        entry = self.images[ref["image_id"]]
+        mask = np.zeros((entry["height"], entry["width"]), dtype=bool)
+        for a in ref["ann_id"]:
+            if a != -1 and not self.anns[a].get("iscrowd", 0):
+                mask |= annotation_mask(self.anns[a], entry["height"], entry["width"])
+        return mask
+
+    def __getitem__(self, index: int) -> dict:
+        ref, sent = self.items[index]
+        entry = self.images[ref["image_id"]]
+        image = self._images(ref["image_id"]) if self.load_images else None
+        mask = self.original_mask(index) if self.load_masks else None
+        return _make_item(index, image, mask, (entry["height"], entry["width"]),
+                          self.ids[index], self.word_mask[index], self.image_size,
+                          ref["ref_id"], sent["sent_id"], ref["image_id"], sent["sent"],
+                          no_target=self.no_target[index])
+
+
+# ============================================================================================
+# --- PhraseCut: phrases on Visual Genome images ---
+# ============================================================================================
+# Wu et al., "PhraseCut: Language-based Image Segmentation in the Wild", CVPR 2020. The files
+# follow the official download (ChenyunWu/PhraseCutDataset, its utils/file_paths.py): one task per
+# phrase-region pair in refer_<split>.json, image sizes and splits in image_data_split.json.
+
+_PHRASECUT_WHERE = (
+    "Expected the PhraseCut layout: <root>/VGPhraseCut_v0/refer_<split>.json and "
+    "<root>/VGPhraseCut_v0/image_data_split.json (<root> may also be VGPhraseCut_v0 itself), images under "
+    "VGPhraseCut_v0/images/<image_id>.jpg. PhraseCut comes from https://github.com/ChenyunWu/PhraseCutDataset "
+    "(its download_dataset.py fetches the annotations and the Visual Genome images)."
+)
+PHRASECUT_SPLITS = SPLITS[("phrasecut", None)]
+PHRASECUT_SIZE_MISMATCH = ("resize", "skip")  # what PhraseCutDataset does with an image of another size
+
+
+def phrasecut_mask(polygons, width: int, height: int) -> np.ndarray:
+    """PhraseCut's ground truth of a task: its polygons drawn and united, bool (height, width).
+
+    Exactly the official `utils/data_transfer.py polygons_to_mask` over every polygon of every
+    instance (as `utils/evaluator.py` flattens them): vertices truncated with int() (toward zero,
+    so -0.6 -> 0), PIL `ImageDraw.polygon(..., outline=1, fill=1)` (the outline counts, a 2-point
+    polygon is a line), polygons with fewer than 2 points skipped. Drawing every polygon on one
+    canvas equals the official sum of one canvas per polygon thresholded at > 0.
+
+    Args:
+        polygons: a task's `Polygons` flattened to a list of polygons, each a list of [x, y] pixels
+            (see `phrasecut_polygons`). width, height: the size recorded in image_data_split.json.
+    """
+    canvas = Image.new("L", (int(width), int(height)), 0)
+    draw = ImageDraw.Draw(canvas)
+    for polygon in polygons:
+        if len(polygon) < 2:
+            continue
+        draw.polygon([(int(x), int(y)) for x, y in polygon], outline=1, fill=1)
+    return np.asarray(canvas) > 0  # (height, width)
+
+
+def phrasecut_polygons(task: dict) -> list:
+    """Every polygon of every instance of a task, in order (`Polygons` is per instance)."""
+    return [polygon for instance in task["Polygons"] for polygon in instance]
+
+
+def _phrasecut_folder(root) -> pathlib.Path:
+    """<root>/VGPhraseCut_v0 when it exists, else <root> itself (the folder holding the files)."""
+    root = pathlib.Path(root)
+    return root / "VGPhraseCut_v0" if (root / "VGPhraseCut_v0").is_dir() else root
+
+
+class PhraseCutDataset(Dataset):
+    """PhraseCut referring segmentation, one item per task (a phrase and the region it names).
+
+    Items are RefDataset's dict plus `task_id` ("<image_id>__<ann ids joined by _>"), with the
+    phrase as `sentence`, `ref_id` = `sent_id` = the task's position in the dataset and `no_target`
+    False (every task has a region). The ground truth is `phrasecut_mask` of the task's polygons at
+    the width x height recorded in image_data_split.json, where the official evaluator scores
+    (`utils/evaluator.py` unpacks predictions to that size).
+
+    A few real images decode to another size than the one recorded (CLIPSeg's PhraseCut loader
+    drops 17 such image ids). The recorded size is the frame of the polygons and of the official
+    scores, so `size_mismatch="resize"` (default) keeps every task, as the official evaluator
+    scores every task, and resizes such a picture to the recorded size (bilinear) before the
+    transform; "skip" drops their tasks instead (CLIPSeg's choice). Either way one warning names
+    the count. The check reads image headers only, when images are loaded or skipping is asked.
+
+    Args:
+        root: the folder holding VGPhraseCut_v0/, or VGPhraseCut_v0 itself.
+        split: "train", "val", "test", "miniv", or several joined by "_" as the official loader
+            takes them ("val_miniv": the whole validation set, whose miniv images val lacks).
+        image_size: S. context_length: L (default 20).
+        image_dir: default VGPhraseCut_v0/images.
+        load_images, load_masks: as RefDataset.
+        size_mismatch: "resize" or "skip" (above).
+    Raises:
+        FileNotFoundError: refer_<split>.json or image_data_split.json missing (the layout is named).
+        ValueError: unknown split or size_mismatch; unreadable files; a task whose image is not
+            listed for the split in image_data_split.json.
+    """
+
+    def __init__(self, root, split="test", image_size=1024, context_length=None, image_dir=None,
+                 load_images=True, load_masks=True, size_mismatch="resize"):
+        parts = split.split("_")
+        if any(p not in PHRASECUT_SPLITS for p in parts) or len(set(parts)) != len(parts):
+            raise ValueError(f"unknown split {split!r} for phrasecut; expected one of {PHRASECUT_SPLITS} "
+                             "or several of them joined by '_' (e.g. 'val_miniv')")
+        if size_mismatch not in PHRASECUT_SIZE_MISMATCH:
+            raise ValueError(f"unknown size_mismatch {size_mismatch!r}; expected one of {PHRASECUT_SIZE_MISMATCH}")
+        self.folder = _phrasecut_folder(root)
+        self.dataset, self.split_by, self.split = "phrasecut", None, split
+        self.image_source = "visual-genome"  # Visual Genome image ids
+        self.image_size = image_size
+        self.context_length = context_length or DEFAULT_CONTEXT_LENGTH["phrasecut"]
+        self.image_dir = pathlib.Path(image_dir) if image_dir else self.folder / "images"
+        self.load_images, self.load_masks = load_images, load_masks
+
+        task_paths = [_require_file(self.folder / f"refer_{p}.json", _PHRASECUT_WHERE) for p in parts]
+        info_path = _require_file(self.folder / "image_data_split.json", _PHRASECUT_WHERE)
+        info = _cached(partial(_read_json_list, what="PhraseCut's image list"), info_path)
+        # As RefVGLoader: only the images of the requested splits.
+        self.images = {int(e["image_id"]): e for e in info if e["split"] in parts}
+        tasks = []
+        for path in task_paths:
+            for task in _cached(partial(_read_json_list, what="a PhraseCut task list"), path):
+                if int(task["image_id"]) not in self.images:
+                    raise ValueError(f"{path}: task {task['task_id']} names image {task['image_id']}, which "
+                                     f"{info_path} does not list for split {split!r}")
+                tasks.append(task)
+        # image id -> (width, height) of the file, for the images whose file has another size
+        self.mismatched_images = self._find_size_mismatches(tasks) if (
+            load_images or size_mismatch == "skip") else {}
+        if self.mismatched_images:
+            image_id, (w, h) = next(iter(self.mismatched_images.items()))
+            entry = self.images[image_id]
+            action = ("their tasks are skipped (size_mismatch='skip')" if size_mismatch == "skip" else
+                      "they are resized to the recorded size, where the polygons and the scores live")
+            warnings.warn(f"PhraseCut {split}: {len(self.mismatched_images)} image(s) differ in size from "
+                          f"{info_path} (e.g. {self.image_path(image_id)} is {w}x{h}, recorded "
+                          f"{entry['width']}x{entry['height']}); {action}", UserWarning, stacklevel=2)
+            if size_mismatch == "skip":
+                tasks = [t for t in tasks if int(t["image_id"]) not in self.mismatched_images]
+        self.tasks = tasks
+        self.task_ids = [t["task_id"] for t in tasks]
+        self.image_ids = [int(t["image_id"]) for t in tasks]
+        self.sentences = [t["phrase"] for t in tasks]
+        self.ids, self.word_mask = tokenize(self.sentences, self.context_length)  # (N, L) each
+        self._images = _TransformedImages(self.load_image, image_size)
+
+    def _find_size_mismatches(self, tasks) -> dict[int, tuple[int, int]]:
+        """{image id: (width, height) of the file} for the images of `tasks` that differ from the
+        recorded size; missing or unreadable files are left to `load_image` to report."""
+        out = {}
+        for image_id in dict.fromkeys(int(t["image_id"]) for t in tasks):
+            try:
+                with Image.open(self.image_path(image_id)) as img:  # reads the header only
+                    size = img.size
+            except (OSError, UnidentifiedImageError, SyntaxError):
+                continue
+            entry = self.images[image_id]
+            if size != (entry["width"], entry["height"]):
+                out[image_id] = size
+        return out
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def image_path(self, image_id: int) -> pathlib.Path:
+        return self.image_dir / f"{int(image_id)}.jpg"
+
+    def load_image(self, image_id: int) -> Image.Image:
+        """The RGB picture at the size recorded in image_data_split.json (resized when its file
+        has another size, see the class docstring)."""
+        path = self.image_path(image_id)
+        if not path.is_file():
+            raise FileNotFoundError(f"image {path} not found. {_PHRASECUT_WHERE}")
+        img = load_rgb(path)  # stored orientation, the frame of the polygons (see load_rgb)
+        entry = self.images[image_id]
+        if img.size != (entry["width"], entry["height"]):
+            img = img.resize((entry["width"], entry["height"]), Image.BILINEAR)
+        return img
+
+    def original_mask(self, index: int) -> np.ndarray:
+        """Ground truth of item `index`, bool (H, W) at the recorded size (`phrasecut_mask`)."""
+        task = self.tasks[index]
+        entry = self.images[int(task["image_id"])]
+        return phrasecut_mask(phrasecut_polygons(task), entry["width"], entry["height"])
+
+    def __getitem__(self, index: int) -> dict:
+        task = self.tasks[index]
+        image_id = int(task["image_id"])
+        entry = self.images[image_id]
+        image = self._images(image_id) if self.load_images else None
+        mask = self.original_mask(index) if self.load_masks else None
+        item = _make_item(index, image, mask, (entry["height"], entry["width"]), self.ids[index],
+                          self.word_mask[index], self.image_size, index, index, image_id, task["phrase"])
+        item["task_id"] = task["task_id"]
+        return item
 
 
 # ============================================================================================
@@ -619,11 +1111,14 @@ def evaluate_expression(expression: str, scene: Scene) -> list[int]:
 
     A unique referent gives a one-element list. POS picks the extreme candidate(s) within the
     scene's margin; REL needs a unique anchor and keeps candidates beyond it by the margin.
+    shapes-gres's plural forms ("all the NPS", "the NUMBER NPS") pick a set, possibly empty.
 
     Raises:
         ValueError: the expression is outside the grammar.
     """
     words = expression.split()
+    if words[:2] == ["all", "the"] or (words[:1] == ["the"] and words[1:2] and words[1] in NUMBERS):
+        return _evaluate_plural(words, scene)  # shapes-gres's plural forms (below)
     if not words or words[0] != "the":
         raise ValueError(f"expression must start with 'the': {expression!r}")
     words, pos, rel = words[1:], None, None
@@ -785,6 +1280,7 @@ class ShapesDataset(Dataset):
         if split not in SHAPES_SPLITS:
             raise ValueError(f"unknown shapes split {split!r}; expected one of {tuple(SHAPES_SPLITS)}")
         self.split, self.seed, self.image_size, self.load_images = split, seed, image_size, load_images
+        self.image_source = f"shapes-{split}-seed{seed}"  # each split and seed is its own stream of scenes
         self.load_masks = load_masks
         self.context_length = context_length
         n = SHAPES_NUM_IMAGES[split] if num_images is None else num_images
@@ -822,7 +1318,135 @@ class ShapesDataset(Dataset):
 
 
 # ============================================================================================
-# --- Image-grouped batching: one frozen-encoder pass per distinct image (DESIGN.md §7) ---
+# --- shapes-gres: the shapes scenes with multi-target and no-target expressions ---
+# ============================================================================================
+# Generalized referring (as gRefCOCO) with no download: the very scenes of "shapes" (same seeds,
+# same pictures, same single-target expressions), plus expressions that pick several objects and
+# expressions that pick none. The grammar grows by plural noun phrases:
+#   gexpr := expr                 one object, as in "shapes" (none when no object fits)
+#          | "all the" NPS        every object NPS fits
+#          | "the" NUMBER NPS     the objects NPS fits when there are exactly NUMBER of them, else none
+#   NPS   := [size] [colour] PLURAL,  PLURAL := "circles" | "squares" | "triangles" | "diamonds" | "shapes"
+# `evaluate_expression` interprets all of it; every generated expression is checked to pick exactly
+# its stated set of objects (possibly empty).
+# NOTE(paper): not part of MARIS or GRES; shares per scene: every single-target expression of the
+# scene, plus up to ceil(n / 2) multi-target and ceil(n / 2) no-target ones (n = single-target count).
+
+PLURALS = {"circles": "circle", "squares": "square", "triangles": "triangle", "diamonds": "diamond",
+           "shapes": None}  # plural noun -> the shape it names (None: any shape)
+NUMBERS = {"two": 2, "three": 3, "four": 4, "five": 5, "six": 6}  # a scene has at most 6 objects
+_NUMBER_WORDS = {n: w for w, n in NUMBERS.items()}
+
+
+def _plural_np_matches(words: list[str], objects: list[ShapeObject]) -> list[int]:
+    """Indices of objects matching a plural NP [size] [colour] PLURAL, in object order."""
+    if not words or words[-1] not in PLURALS:
+        raise ValueError(f"not a plural noun phrase: {' '.join(words)!r}")
+    *mods, noun = words
+    shapes = SHAPES if PLURALS[noun] is None else (PLURALS[noun],)
+    # The singular parser checks the modifiers; "shapes" unites its matches over every shape.
+    return sorted({i for shape in shapes for i in _np_matches([*mods, shape], objects)})
+
+
+def _evaluate_plural(words: list[str], scene: Scene) -> list[int]:
+    """`evaluate_expression` for "all the NPS" and "the NUMBER NPS" (split into words)."""
+    if words[0] == "all":
+        return _plural_np_matches(words[2:], scene.objects)
+    fits = _plural_np_matches(words[2:], scene.objects)
+    return fits if len(fits) == NUMBERS[words[1]] else []  # "the two circles" presupposes two
+
+
+def describe_groups(scene: Scene, rng: np.random.Generator) -> list[tuple[tuple[int, ...], str]]:
+    """Multi-target expressions: one per distinct set of >= 2 objects that a plural NP picks.
+
+    Each set gets one expression chosen among its "all the NPS" and "the NUMBER NPS" phrasings,
+    each checked with `evaluate_expression`. Returns [(object indices, expression)].
+    """
+    phrasings: dict[tuple[int, ...], list[str]] = {}
+    for size in (None, *SIZES):
+        for color in (None, *COLORS):
+            for noun in PLURALS:
+                nps = " ".join(w for w in (size, color, noun) if w)
+                fits = tuple(_plural_np_matches(nps.split(), scene.objects))
+                if len(fits) >= 2:
+                    phrasings.setdefault(fits, []).extend([f"all the {nps}", f"the {_NUMBER_WORDS[len(fits)]} {nps}"])
+    out = []
+    for fits, exprs in phrasings.items():
+        exprs = [e for e in exprs if tuple(evaluate_expression(e, scene)) == fits]
+        if exprs:
+            out.append((fits, str(rng.choice(exprs))))
+    return out
+
+
+def describe_absent(scene: Scene) -> list[str]:
+    """No-target expressions: "the NP" for every NP that fits no object of the scene but shares its
+    shape or its colour with one (so the words are about the picture and must be checked)."""
+    out = []
+    for shape in SHAPES:
+        for color in (None, *COLORS):
+            for size in (None, *SIZES):
+                np_ = " ".join(w for w in (size, color, shape) if w)
+                related = any(o.shape == shape or o.color == color for o in scene.objects)
+                if related and evaluate_expression(f"the {np_}", scene) == []:
+                    out.append(f"the {np_}")
+    return out
+
+
+def gres_items(scene: Scene, rng: np.random.Generator) -> list[tuple[tuple[int, ...], str]]:
+    """A scene's shapes-gres items: its single-target items, then multi-target, then no-target ones."""
+    singles = [((obj,), expr) for obj, expr in scene.items]
+    k = -(-len(singles) // 2)  # ceil(n / 2)
+    groups = describe_groups(scene, rng)
+    multi = [groups[j] for j in sorted(rng.permutation(len(groups))[:k])]
+    absent = describe_absent(scene)
+    none = [((), absent[j]) for j in sorted(rng.permutation(len(absent))[:k])]
+    return singles + multi + none
+
+
+class ShapesGresDataset(ShapesDataset):
+    """shapes-gres: the shapes scenes with single-, multi- and no-target expressions.
+
+    Scene i is the scene i of `ShapesDataset` with the same split and seed (same picture, same
+    single-target items, in the same order); the extra expressions come from a separate stream,
+    `np.random.default_rng([seed, split id, i, 1])`, so adding them changes nothing in "shapes".
+    The ground truth is the union of the picked objects' masks (all False for no target), and
+    items carry `no_target`. `ref_id` = `sent_id` = the item index.
+
+    Args and Raises: as ShapesDataset.
+    """
+
+    def __init__(self, split="train", num_images=None, image_size=128,
+                 context_length=DEFAULT_CONTEXT_LENGTH["shapes-gres"], seed=0, load_images=True,
+                 load_masks=True):
+        super().__init__(split, num_images, image_size, context_length, seed, load_images, load_masks)
+        # (image id, picked object indices, expression) per item, scene by scene
+        self.items = [(i, targets, expr) for i, s in enumerate(self.scenes)
+                      for targets, expr in gres_items(s, np.random.default_rng([seed, SHAPES_SPLITS[split], i, 1]))]
+        self.image_ids = [i for i, _, _ in self.items]
+        self.sentences = [e for _, _, e in self.items]
+        self.no_target = [not targets for _, targets, _ in self.items]
+        self.ids, self.word_mask = tokenize(self.sentences, context_length)  # (N, L) each
+
+    def original_mask(self, index: int) -> np.ndarray:
+        """bool (H, W) union of the picked objects' masks at native size (all False: no target)."""
+        image_id, targets, _ = self.items[index]
+        scene = self.scenes[image_id]
+        mask = np.zeros((scene.height, scene.width), dtype=bool)
+        for obj in targets:
+            mask |= scene_mask(scene, obj)
+        return mask
+
+    def __getitem__(self, index: int) -> dict:
+        image_id, _, expr = self.items[index]
+        scene = self.scenes[image_id]
+        image = self._images(image_id) if self.load_images else None
+        mask = self.original_mask(index) if self.load_masks else None
+        return _make_item(index, image, mask, (scene.height, scene.width), self.ids[index],
+                          self.word_mask[index], self.image_size, index, index, image_id, expr,
+                          no_target=self.no_target[index])
+
+
+# --- Image-grouped batching: one frozen-encoder pass per distinct image ---
 # ============================================================================================
 # RefCOCO has about 7 sentences per image. Putting several sentences of one image in a batch and
 # running SAM's encoder on the batch's distinct images only cuts encoder work several times over;
@@ -905,7 +1529,8 @@ class ImageGroupedBatchSampler(torch.utils.data.Sampler):
 def collate_images(items: list[dict]) -> dict:
     """Collate item dicts, keeping each distinct image once.
 
-    Returns the default-collated batch without "image", plus
+    Returns the default-collated batch without "image" ("no_target" becomes a bool tensor (B,),
+    PhraseCut's "task_id" a list of B strings), plus
         images       FloatTensor (B_img, 3, S, S): the batch's distinct images, first-seen order
                      (shape (0,) when the items carry no pixels, load_images=False)
         image_index  LongTensor (B,): row of `images` for each sentence
@@ -925,7 +1550,7 @@ def collate_images(items: list[dict]) -> dict:
 
 
 # ============================================================================================
-# --- Encoder feature cache: SAM's frozen outputs per image on disk (DESIGN.md §7) ---
+# --- Encoder feature cache: SAM's frozen outputs per image on disk ---
 # ============================================================================================
 # With the encoder frozen, its outputs for an image never change, so they are computed once and
 # read back every epoch. One fp16 .npy file per image holds the neck embedding (C, H, W) and the
@@ -983,7 +1608,8 @@ class FeatureCache:
                 diff = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
                 if not rebuild:
                     raise ValueError(f"feature cache {self.root} was built for another encoder or input: {diff} differ "
-                                     f"(cached {[old.get(k) for k in diff]}, now {[self.fingerprint.get(k) for k in diff]}). "
+                                     f"(cached {[old.get(k) for k in diff]}, "
+                                     f"now {[self.fingerprint.get(k) for k in diff]}). "
                                      "Use another cache directory, or rebuild it.")
                 for entry in self.root.glob("*.npy"):
                     entry.unlink()
@@ -1046,6 +1672,147 @@ class FeatureCache:
         return self.load(image_ids)
 
 
+# Encoder settings the cached features depend on (besides the encoder weights' hash and the images).
+ENCODER_FIELDS = ("sam_embed_dim", "sam_depth", "sam_num_heads", "sam_global_attn_indexes", "sam_window_size",
+                  "patch_size", "image_size", "fe_taps", "embed_dim")
+
+
+def image_source(dataset) -> str:
+    """The name of the pictures behind a dataset's image ids (its `image_source`): one cache folder each.
+
+    The RefCOCO family shares COCO train2014 (image id = COCO id), so refcoco, refcoco+ and refcocog
+    share one cache; a shapes split is its own seeded stream of scenes (ids restart at 0).
+
+    Raises:
+        ValueError: the dataset has no `image_source` attribute.
+    """
+    source = getattr(dataset, "image_source", None)
+    if not isinstance(source, str):
+        raise ValueError(f"{type(dataset).__name__} has no image_source: the feature cache needs to know which "
+                         "pictures its image ids name")
+    return source
+
+
+def state_dict_sha256(module: torch.nn.Module) -> str:
+    """sha256 over a module's state dict: each key, dtype, shape and tensor bytes, keys sorted.
+
+    Identifies the weights themselves, so a randomly initialised encoder (another seed) and a loaded
+    checkpoint hash differently. It reads every weight (about 2.5 GB for ViT-H): callers hash a model
+    once per process and pass the result on (`encoder_sha256=` below).
+    """
+    digest = hashlib.sha256()
+    for key, value in sorted(module.state_dict().items()):
+        t = value.detach().to("cpu").contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes (works for bf16 too)
+    return digest.hexdigest()
+
+
+def encoder_fingerprint(model, source: str, *, precision: str = "fp32", encoder_sha256: str | None = None) -> dict:
+    """Everything the frozen encoder's outputs depend on, for FeatureCache's meta.json.
+
+    Args:
+        model: a MARIS (its `cfg` and `image_encoder`).  source: `image_source(dataset)`.
+        precision: the precision the features are computed in ("fp32" or "bf16").
+        encoder_sha256: `state_dict_sha256(model.image_encoder)` when the caller has it (None: hash now).
+
+    Returns:
+        JSON-able dict: the ENCODER_FIELDS of the config, the encoder weights' sha256, source, precision.
+    """
+    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(model.cfg).items()}
+    if encoder_sha256 is None:
+        encoder_sha256 = state_dict_sha256(model.image_encoder)
+    return {**{k: cfg[k] for k in ENCODER_FIELDS}, "encoder_sha256": encoder_sha256, "images": source,
+            "precision": precision}
+
+
+def _check_precision(precision: str) -> str:
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16' (maris.effective_precision), got {precision!r}")
+    return precision
+
+
+def open_feature_cache(model, dataset, root, *, precision: str = "fp32", rebuild: bool = False,
+                       encoder_sha256: str | None = None) -> FeatureCache:
+    """The feature cache of `dataset`'s pictures under `root/<image source>/`.
+
+    Args:
+        model: a MARIS (not DDP-wrapped).  dataset: has `image_source`.  root: the cache folder.
+        precision: "fp32" or "bf16", what missing entries are encoded in.
+        rebuild: empty a cache built for another encoder instead of refusing it.
+        encoder_sha256: the encoder weights' hash computed once by the caller (`state_dict_sha256`);
+            None hashes them here, which costs a full read of the weights per call.
+
+    Raises:
+        ValueError: the model has RISAM adapters (its encoder features change as they train); the
+            folder holds a cache built for another encoder, input size or image source (and not rebuild).
+    """
+    cfg = model.cfg
+    if cfg.adapters:
+        raise ValueError("--feature-cache cannot be used with --adapters: RISAM's adapters train inside SAM's "
+                         "image encoder, so its features change every step and cannot be cached")
+    H = W = cfg.image_size // cfg.patch_size
+    fingerprint = encoder_fingerprint(model, image_source(dataset), precision=_check_precision(precision),
+                                      encoder_sha256=encoder_sha256)
+    return FeatureCache(pathlib.Path(root) / fingerprint["images"], fingerprint, neck_shape=(cfg.embed_dim, H, W),
+                        tap_shape=(H, W, cfg.sam_embed_dim), num_taps=len(cfg.fe_taps), rebuild=rebuild)
+
+
+@torch.no_grad()
+def encode_images(model, dataset, image_ids, *, device: torch.device, batch_size: int,
+                  precision: str = "fp32") -> dict:
+    """Run the frozen image encoder on pictures loaded by id (what a FeatureCache stores).
+
+    Args:
+        model: a MARIS.  dataset: has `load_image(image_id)`.  image_ids: the ids, in output order.
+        device: where the encoder runs.  batch_size: images per encoder pass.
+        precision: "fp32", or "bf16" (autocast).
+
+    Returns:
+        dict(neck=(B_img, C, H, W), taps=[(B_img, H, W, D)] * 3) on the CPU in fp16 (the cache's dtype).
+    """
+    size = model.cfg.image_size
+    bf16 = _check_precision(precision) == "bf16"
+    necks, taps = [], []
+    ids = [int(i) for i in image_ids]
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start:start + batch_size]
+        pixels = torch.stack([transform_image(dataset.load_image(i), size)[0] for i in chunk])  # (b, 3, S, S)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            out = model.encode_image(pixels.to(device))
+        necks.append(out["neck"].to("cpu", torch.float16))  # (b, C, H, W)
+        taps.append([t.to("cpu", torch.float16) for t in out["taps"]])  # 3 x (b, H, W, D)
+    return {"neck": torch.cat(necks), "taps": [torch.cat(level) for level in zip(*taps)]}
+
+
+def batch_image_inputs(batch: dict, *, device: torch.device, model=None, cache: FeatureCache | None = None,
+                       dataset=None, batch_size: int = 8, precision: str = "fp32") -> tuple[dict, int]:
+    """The image keyword arguments of MARIS.forward for a `collate_images` batch.
+
+    Without a cache: images = the batch's distinct images (B_img, 3, S, S) on the device. With one:
+    image_features = the cached encoder outputs of `batch["image_ids"]`, encoding (and storing) the
+    missing ones first with `encode_images`.
+
+    Args:
+        batch: collate_images output.  device: the model's device.
+        model, cache, dataset: needed with a cache (the encoder and `load_image`).
+        batch_size, precision: of the encoder passes for missing entries ("fp32" or "bf16").
+
+    Returns:
+        (dict(images=..., image_features=..., image_index=(B,) long on the device), one of images /
+        image_features None; the number of images the encoder runs on for this batch).
+    """
+    index = batch["image_index"].to(device)  # (B,)
+    if cache is None:
+        images = batch["images"].to(device, non_blocking=True)  # (B_img, 3, S, S)
+        return dict(images=images, image_features=None, image_index=index), images.shape[0]
+    image_ids = [int(i) for i in batch["image_ids"]]
+    missing = [i for i in dict.fromkeys(image_ids) if i not in cache]
+    features = cache.get(image_ids, lambda ids: encode_images(model, dataset, ids, device=device,
+                                                              batch_size=batch_size, precision=precision))
+    return dict(images=None, image_features=features, image_index=index), len(missing)
+
+
 # ============================================================================================
 # --- build_dataset ---
 # ============================================================================================
@@ -1056,10 +1823,11 @@ def build_dataset(name, split, *, root=None, split_by=None, image_size, context_
     """One entry point for every dataset.
 
     Args:
-        name: "shapes", "refcoco", "refcoco+" or "refcocog".
-        split: split name ("train", "val", "test", "testA", ...).
-        root: refer data root (RefCOCO family only).
-        split_by, image_dir: RefCOCO family only (see RefDataset).
+        name: "shapes", "shapes-gres", "refcoco", "refcoco+", "refcocog", "grefcoco" or "phrasecut".
+        split: split name ("train", "val", "test", "testA", "miniv", ...).
+        root: data root (every name but the shapes ones).
+        split_by: RefCOCO family partition; "unc" or None for grefcoco; None for phrasecut.
+        image_dir: overrides the image folder (RefCOCO family, grefcoco, phrasecut).
         image_size: S. context_length: L (None: the dataset's default).
         load_images: False skips pixels (item "image" is an empty tensor).
         load_masks: False skips the padded ground truth (item "mask" is an empty tensor; evaluation
@@ -1068,18 +1836,27 @@ def build_dataset(name, split, *, root=None, split_by=None, image_size, context_
     Returns:
         a Dataset of item dicts.
     Raises:
-        ValueError: unknown name, a RefCOCO-family name without a root or with num_images.
+        ValueError: unknown name or split_by, a file-based name without a root, or num_images for a
+            file-based name.
     """
-    if name == "shapes":
-        return ShapesDataset(split=split, image_size=image_size, context_length=context_length or DEFAULT_CONTEXT_LENGTH["shapes"],
-                             load_images=load_images, load_masks=load_masks, num_images=num_images)
+    if name in ("shapes", "shapes-gres"):
+        cls = ShapesDataset if name == "shapes" else ShapesGresDataset
+        return cls(split=split, image_size=image_size, context_length=context_length or DEFAULT_CONTEXT_LENGTH[name],
+                   load_images=load_images, load_masks=load_masks, num_images=num_images)
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; expected 'shapes' or one of {sorted(DATASETS)}")
+        raise ValueError(f"unknown dataset {name!r}; expected 'shapes', 'shapes-gres' or one of {sorted(DATASETS)}")
     if num_images is not None:
-        raise ValueError(f"num_images={num_images} is for the generated shapes dataset; {name!r} reads its "
+        raise ValueError(f"num_images={num_images} is for the generated shapes datasets; {name!r} reads its "
                          f"images from its annotation files")
     if root is None:
-        raise ValueError(f"dataset {name!r} needs root=<refer data root>. {_WHERE_FROM}")
+        where = {"grefcoco": _GREFCOCO_WHERE, "phrasecut": _PHRASECUT_WHERE}.get(name, _WHERE_FROM)
+        raise ValueError(f"dataset {name!r} needs root=<data root>. {where}")
+    if name in ("grefcoco", "phrasecut"):
+        if split_by not in (None, *DATASETS[name]):
+            raise ValueError(f"unknown split_by {split_by!r} for {name}; expected one of {DATASETS[name]}")
+        cls = GRefDataset if name == "grefcoco" else PhraseCutDataset
+        return cls(root, split=split, image_size=image_size, context_length=context_length, image_dir=image_dir,
+                   load_images=load_images, load_masks=load_masks)
     return RefDataset(root, dataset=name, split_by=split_by, split=split, image_size=image_size,
                       context_length=context_length, image_dir=image_dir, load_images=load_images,
                       load_masks=load_masks)

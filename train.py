@@ -1,32 +1,47 @@
-"""Train MARIS (DESIGN.md §7): single process or `torchrun` DDP, atomic checkpoints, exact resume.
+"""Train MARIS: single process or `torchrun` DDP, atomic checkpoints, exact resume.
 
     python train.py                                   # tiny preset on the built-in shapes data, CPU
     python train.py --dataset refcoco --sam-checkpoint sam_vit_b_01ec64.pth --clip-checkpoint ViT-B-16.pt
     torchrun --nproc_per_node 4 train.py --dataset refcoco ...        # DDP (NCCL on GPU, gloo on CPU)
     python train.py --resume auto                     # continue <out-dir>/last.pt exactly
-    python train.py --mask-grounding-weight 0.1 --alignment-weight 0.1   # + MagNet's losses (CVPR 2024)
-    python train.py --adapters                        # + RISAM's adapters: SAM's encoder fine-tuned cheaply
+    python train.py --mask-grounding-weight 0.1 --alignment-weight 0.1 --out-dir runs/magnet  # + MagNet's losses
+    python train.py --adapters --out-dir runs/adapters   # + RISAM's adapters: SAM's encoder fine-tuned cheaply
     python train.py --feature-cache cache/            # SAM's frozen encoder runs once per image, ever
+    python train.py --dataset shapes-gres             # generalized RIS demo: multi- and no-target expressions
+    python train.py --dataset grefcoco --data-root data ...   # gRefCOCO, with the no-target head
 
 Every option is a field of `TrainOptions`; `python train.py --help` lists them with their defaults.
 Options left at "auto" get a dataset-dependent value (`resolve_options`): the shapes demo trains the
 tiny preset from scratch with a larger learning rate for a few minutes on a CPU; the RefCOCO family
-uses the MARIS recipe (vit_b, lr 1e-4, 50 epochs); both use batch 8 per process.
+uses the MARIS recipe (vit_b, lr 1e-4, 50 epochs); both use batch 8 per process. shapes-gres takes the
+shapes values, gRefCOCO and PhraseCut the RefCOCO ones; on gRefCOCO and shapes-gres the no-target head
+trains too (--no-target-weight), and validation scores them with gIoU / cIoU / N-acc / T-acc.
+
+The script reads top to bottom: options; learning rate, optimizer, data order; checkpoints; the run
+(`build_run`: data, model + optimizer, resume); one step (`train_one_step`), one epoch, validation;
+`train`, the loop. Each step runs `maris.TrainStep` (MARIS and MagNet's training-only heads; wrapped
+in DistributedDataParallel under torchrun) and sets the learning rate from the step number.
+
+One run per folder (README, "Run folders"): a new run is refused where another left last.pt, best.pt or
+metrics.jsonl (--resume continues it, --overwrite replaces it), and the running process holds a lock on
+<out-dir>/train.lock. last.pt is written at each epoch's end and every --save-minutes of training, so a
+kill loses little; metrics.jsonl keeps one record per step and kind across resumes (`claim_run_folder`).
+Bad files and values end the script with one line (`maris.one_line_errors`).
 
 Exact resume: the order of the training items is a pure function of (seed, epoch) (a
 DistributedSampler permutation), so a checkpoint stores the epoch and the number of batches already
-done in it; resuming skips those batches and restores the optimizer, scheduler and every RNG state.
-On a CPU, N steps + resume + N steps give the same weights, bit for bit, as 2N straight steps
-(MagNet's random word masking draws from a generator of its own, stored in the checkpoint too).
+done in it; resuming skips those batches and restores the optimizer and every RNG state, and the
+learning rate follows from the step. On a CPU, N steps + resume + N steps give the same weights, bit
+for bit, as 2N straight steps (MagNet's random word masking draws from a generator of its own, stored
+in the checkpoint too).
 
-Speed (DESIGN.md §7): every batch is collated by `data.collate_images`, so SAM's frozen encoder
-runs once per distinct image of a batch (`--sentences-per-image K` puts K sentences of an image in
-one batch); `--feature-cache DIR` stores its outputs per image on disk and reads them back in
-later epochs (not with `--adapters`, which change them); `--compile` compiles the trained modules.
-MagNet's heads are training-only: checkpoints keep them under "heads", beside the model's
-trainable weights, and evaluate.py ignores them.
+Speed (README, "Performance"): every batch is collated by `data.collate_images`, so SAM's frozen
+encoder runs once per distinct image of a batch (`--sentences-per-image K` puts K sentences of an
+image in one batch); `--feature-cache DIR` stores its outputs per image on disk and reads them back
+in later epochs (not with `--adapters`, which change them); `--compile` compiles the trained modules.
+MagNet's heads are training-only: checkpoints keep them under "heads", beside the model's trainable
+weights, and evaluate.py ignores them.
 """
-import argparse
 import dataclasses
 import json
 import math
@@ -34,9 +49,15 @@ import os
 import pathlib
 import random
 import signal
+import socket
 import time
-import typing
-from dataclasses import dataclass, field
+import uuid
+from dataclasses import dataclass
+
+try:  # POSIX: the run folder's lock (RunLock)
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 import numpy as np
 import torch
@@ -45,102 +66,162 @@ from tqdm import tqdm
 
 import data
 import maris
-from evaluate import (autocast, batch_image_inputs, build_model, check_precision, evaluate_model, open_feature_cache,
-                      setup_distributed, state_dict_sha256, without_nan)
+from evaluate import COUNT_NOUNS, evaluate_model, metric_set, scoring_for, without_nan
+
+option = maris.option
+MARIS_DEFAULTS = maris.MarisConfig  # the class attributes of its fields are their defaults
 
 
 # --- Options ---
-
-def _opt(default, help: str, auto: str | None = None, **kw):
-    """A TrainOptions field with its help text (and what "auto" resolves to, for None defaults)."""
-    return field(default=default, metadata={"help": help, "auto": auto, **kw})
-
 
 @dataclass
 class TrainOptions:
     """Every command-line option of train.py (flag = field name with '-' for '_')."""
 
     # data
-    dataset: str = _opt("shapes", "shapes (built-in, no download) | refcoco | refcoco+ | refcocog")
-    split_by: str | None = _opt(None, "partition of the RefCOCO family: unc | google | umd",
-                                "unc for refcoco/refcoco+, umd for refcocog")
-    data_root: str = _opt("data", "refer-layout data root: <root>/refcoco/refs(unc).p, <root>/images/mscoco/...")
-    image_dir: str | None = _opt(None, "COCO train2014 image folder", "<data-root>/images/mscoco/images/train2014")
-    train_split: str = _opt("train", "split to train on")
-    val_split: str = _opt("val", "split scored after each evaluation interval ('' = none)")
-    val_limit: int = _opt(0, "score only the first N validation items (0 = the whole split)")
-    train_limit: int = _opt(0, "train on the first N training items only (0 = the whole split; quick checks, "
-                               "benchmarks)")
-    train_scenes: int | None = _opt(None, "shapes only: scenes the generator makes for the training split (scene i "
-                                          "is the same for every N, so a larger N adds scenes)", "see AUTO")
+    dataset: str = option("shapes", "shapes (built-in, no download) | shapes-gres (built-in, with multi- and "
+                                    "no-target expressions) | refcoco | refcoco+ | refcocog | grefcoco | phrasecut")
+    split_by: str | None = option(None, "partition of the RefCOCO family: unc | google | umd",
+                                  auto="unc for refcoco/refcoco+, umd for refcocog")
+    data_root: str = option("data", "data root (README: Data): <root>/refcoco/refs(unc).p, <root>/images/mscoco/...; "
+                                    "<root>/grefcoco/grefs(unc).json; <root>/VGPhraseCut_v0/refer_<split>.json")
+    image_dir: str | None = option(None, "image folder (COCO train2014; PhraseCut: Visual Genome)",
+                                   auto="<data-root>/images/mscoco/images/train2014; grefcoco: "
+                                        "<data-root>/images/train2014; phrasecut: VGPhraseCut_v0/images")
+    train_split: str = option("train", "split to train on")
+    val_split: str = option("val", "split scored after each evaluation interval ('' = none); best.pt keeps the "
+                                   "best oIoU (RefCOCO family, shapes), gIoU (grefcoco, shapes-gres: every sentence "
+                                   "counts alike, no-target ones included, so it rewards masks and the no-target "
+                                   "decision together, where cIoU gives a rightly rejected no-target sentence no "
+                                   "credit and favours large objects) or mIoU (phrasecut: the mean per-task IoU of its "
+                                   "official evaluator)")
+    val_limit: int = option(0, "score only the first N validation items (0 = the whole split)", check=maris.at_least(0))
+    train_limit: int = option(0, "train on the first N training items only (0 = the whole split; quick checks, "
+                                 "benchmarks)", check=maris.at_least(0))
+    train_scenes: int | None = option(None, "shapes, shapes-gres: scenes the generator makes for the training split "
+                                            "(scene i is the same for every N, so a larger N adds scenes)",
+                                      auto="1000", check=maris.at_least(1))
     # model
-    preset: str | None = _opt(None, "model preset: tiny | vit_b | vit_l | vit_h", "tiny for shapes, else vit_b")
-    sam_checkpoint: str | None = _opt(None, "official SAM weights (sam_vit_b_01ec64.pth, ...); none = random encoder")
-    clip_checkpoint: str | None = _opt(None, "CLIP weights (OpenAI ViT-B-16.pt, ...); none = random text encoder")
-    image_size: int | None = _opt(None, "padded input side S", "the preset's (1024 for SAM presets)")
-    context_length: int | None = _opt(None, "text tokens L", "30 for refcocog, else 20")
-    loss_focal_weight: float | None = _opt(None, "focal loss weight", "the preset's (20)")
-    loss_dice_weight: float | None = _opt(None, "dice loss weight", "the preset's (1)")
-    model_set: list | None = _opt(None, "extra MarisConfig overrides, repeatable: --model-set maa_depth=3", "none",
-                           multiple=True)
+    preset: str | None = option(None, "model preset: tiny | vit_b | vit_l | vit_h", auto="tiny for shapes, else vit_b")
+    sam_checkpoint: str | None = option(None, "official SAM weights (sam_vit_b_01ec64.pth, ...)", auto="random encoder")
+    clip_checkpoint: str | None = option(None, "CLIP weights (OpenAI ViT-B-16.pt, ...)", auto="random text encoder")
+    image_size: int | None = option(None, "padded input side S", auto="the preset's (1024 for SAM presets)",
+                                    check=maris.at_least(16))
+    context_length: int | None = option(None, "text tokens L", auto="30 for refcocog, else 20", check=maris.at_least(3))
+    loss_focal_weight: float | None = option(None, "focal loss weight",
+                                             auto=f"the preset's ({MARIS_DEFAULTS.loss_focal_weight:g})",
+                                             check=maris.at_least(0.0))
+    loss_dice_weight: float | None = option(None, "dice loss weight",
+                                            auto=f"the preset's ({MARIS_DEFAULTS.loss_dice_weight:g})",
+                                            check=maris.at_least(0.0))
+    model_set: list | None = option(None, "extra MarisConfig overrides, repeatable: --model-set maa_depth=3",
+                                    auto="none", multiple=True, metavar="KEY=VALUE")
     # MagNet's training-only losses (Chng et al., "Mask Grounding for Referring Image Segmentation",
     # CVPR 2024) and RISAM's adapters (the later version of the MARIS paper); all off = exactly MARIS.
-    mask_grounding_weight: float = _opt(0.0, "weight of MagNet's Mask Grounding loss (Chng et al., CVPR 2024): "
-                                             "predict masked words from the visual features (0 = off)")
-    mask_ratio: float = _opt(0.15, "MagNet Mask Grounding: share of the real word tokens masked")
-    mask_grounding_use_mask: bool = _opt(True, "MagNet Mask Grounding: give the head the features pooled inside "
-                                               "the ground-truth mask (--no-... = the ablation without it)")
-    alignment_weight: float = _opt(0.0, "weight of MagNet's cross-modal alignment loss (Chng et al., CVPR 2024): "
-                                        "pixel-to-text contrast, GT pixels positive (0 = off)")
-    alignment_temperature: float = _opt(0.07, "MagNet alignment loss: temperature of the cosine similarities")
-    adapters: bool = _opt(False, "RISAM's bottleneck adapters in every SAM ViT block (the later MARIS paper's "
-                                 "parameter-efficient fine-tuning); only the adapters of the encoder train")
-    adapter_ratio: float = _opt(0.25, "RISAM adapters: bottleneck width as a share of the SAM width D")
+    mask_grounding_weight: float = option(MARIS_DEFAULTS.mask_grounding_weight,
+                                          "weight of MagNet's Mask Grounding loss (Chng et al., CVPR 2024): predict "
+                                          "masked words from the visual features (0 = off)", check=maris.at_least(0.0))
+    mask_ratio: float = option(MARIS_DEFAULTS.mask_ratio, "MagNet Mask Grounding: share of the real word tokens masked",
+                               check=maris.between(0.0, 1.0, include_high=True))
+    mask_grounding_use_mask: bool = option(MARIS_DEFAULTS.mask_grounding_use_mask,
+                                           "MagNet Mask Grounding: give the head the features pooled inside the "
+                                           "ground-truth mask (--no-... = the ablation without it)")
+    alignment_weight: float = option(MARIS_DEFAULTS.alignment_weight,
+                                     "weight of MagNet's cross-modal alignment loss (Chng et al., CVPR 2024): "
+                                     "pixel-to-text contrast, GT pixels positive (0 = off)", check=maris.at_least(0.0))
+    alignment_temperature: float = option(MARIS_DEFAULTS.alignment_temperature,
+                                          "MagNet alignment loss: temperature of the cosine similarities",
+                                          check=maris.above(0.0))
+    adapters: bool = option(MARIS_DEFAULTS.adapters,
+                            "RISAM's bottleneck adapters in every SAM ViT block (the later MARIS paper's "
+                            "parameter-efficient fine-tuning); only the adapters of the encoder train")
+    adapter_ratio: float = option(MARIS_DEFAULTS.adapter_ratio,
+                                  "RISAM adapters: bottleneck width as a share of the SAM width D",
+                                  check=maris.above(0.0))
+    # Generalized RIS (gRefCOCO): ReLA's no-target head on the multi-modal query token, off for RefCOCO.
+    no_target_weight: float | None = option(
+        None, "weight of the no-target head's BCE against the items' no_target labels (ReLA-style; 0 = no head, "
+              "evaluate.py then decides no target by an empty mask); on for the datasets with no-target "
+              "expressions, which the head's rule needs",
+        auto="0.1 for grefcoco and shapes-gres (ReLA's no-target term weighs 0.1 of its mask term), else 0 (off)",
+        check=maris.at_least(0.0))
     # optimisation
-    epochs: int | None = _opt(None, "training epochs", "4 for shapes, else 50")
-    batch_size: int = _opt(8, "sentences per step per process")
-    lr: float | None = _opt(None, "AdamW peak learning rate", "1e-3 for shapes (training from scratch), else 1e-4")
-    weight_decay: float = _opt(0.01, "AdamW weight decay (not applied to biases and norm weights)")
-    warmup_steps: int | None = _opt(None, "linear warm-up steps", "100 for shapes, else 1000")
-    schedule: str = _opt("cosine", "learning-rate decay after warm-up: cosine | poly | constant")
-    grad_clip: float = _opt(1.0, "clip the gradient norm to this value (0 = off); metrics.jsonl logs the norm "
-                                 "before clipping either way")
-    seed: int = _opt(0, "seed of the data order, the model initialisation and every RNG")
-    sentences_per_image: int = _opt(1, "keep up to K sentences of one image in a batch and encode each image "
-                                       "once (1 = ordinary shuffled batches)")
-    max_steps: int = _opt(0, "stop after this many optimizer steps (0 = run all epochs); the schedule keeps "
-                             "its full length")
-    # speed (DESIGN.md §7)
-    feature_cache: str | None = _opt(None, "cache folder of SAM's frozen encoder outputs (fp16, one file per "
-                                           "image): the encoder runs once per image for the whole run, not once "
-                                           "per epoch; refused with --adapters", "off")
-    rebuild_feature_cache: bool = _opt(False, "empty a --feature-cache built for another encoder or input size "
-                                              "instead of stopping")
-    compile: bool = _opt(False, "torch.compile the trained modules (Feature Enhancement, Mutual-Aware Attention, "
-                                "decoder) in place; helps on a GPU, the first steps are slow while it compiles")
+    epochs: int | None = option(None, "training epochs", auto="4 for shapes, else 50", check=maris.at_least(1))
+    batch_size: int = option(8, "sentences per step per process", check=maris.at_least(1))
+    lr: float | None = option(None, "AdamW peak learning rate",
+                              auto="1e-3 for shapes (training from scratch), else 1e-4", check=maris.above(0.0))
+    weight_decay: float = option(0.01, "AdamW weight decay (not applied to biases and norm weights)",
+                                 check=maris.at_least(0.0))
+    warmup_steps: int | None = option(None, "linear warm-up steps", auto="100 for shapes, else 1000",
+                                      check=maris.at_least(0))
+    schedule: str = option("cosine", "learning-rate decay after warm-up: cosine | poly | constant")
+    grad_clip: float = option(1.0, "clip the gradient norm to this value (0 = off); metrics.jsonl logs the norm "
+                                   "before clipping either way", check=maris.at_least(0.0))
+    seed: int = option(0, "seed of the data order, the model initialisation and every RNG", check=maris.at_least(0))
+    sentences_per_image: int = option(1, "keep up to K sentences of one image in a batch and encode each image "
+                                         "once (1 = ordinary shuffled batches)", check=maris.at_least(1))
+    max_steps: int = option(0, "stop after this many optimizer steps (0 = run all epochs); the schedule keeps "
+                               "its full length", check=maris.at_least(0))
+    # speed (README, "Performance")
+    feature_cache: str | None = option(None, "cache folder of SAM's frozen encoder outputs (fp16, one file per "
+                                             "image): the encoder runs once per image for the whole run, not once "
+                                             "per epoch; refused with --adapters", auto="off", metavar="DIR")
+    rebuild_feature_cache: bool = option(False, "empty a --feature-cache built for another encoder or input size "
+                                                "instead of stopping")
+    compile: bool = option(False, "torch.compile the trained modules (Feature Enhancement, Mutual-Aware Attention, "
+                                  "decoder) in place; helps on a GPU, the first steps are slow while it compiles")
     # run
-    out_dir: str | None = _opt(None, "where last.pt, best.pt and metrics.jsonl go", "runs/<dataset>")
-    resume: str | None = _opt(None, "checkpoint to continue from, or 'auto' = <out-dir>/last.pt when it exists")
-    eval_every: int = _opt(1, "score the validation split every N epochs (0 = only at the end)")
-    log_every: int = _opt(20, "write a metrics.jsonl line every N steps (losses and gradient norm averaged "
-                              "over those steps and the processes)")
-    save_every: int = _opt(0, "also write last.pt every N steps (0 = at the end of each epoch only)")
-    workers: int | None = _opt(None, "DataLoader worker processes per training process",
-                               "0 for shapes (rendering is cheap), else min(4, CPU count)")
-    device: str = _opt("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
-    precision: str = _opt("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32")
-    progress: bool = _opt(True, "show tqdm progress bars")
+    out_dir: str | None = option(None, "where last.pt, best.pt and metrics.jsonl go", auto="runs/<dataset>")
+    resume: str | None = option(None, "checkpoint to continue from, or 'auto' = <out-dir>/last.pt when it exists; "
+                                      "metrics.jsonl keeps the records up to that checkpoint", auto="a new run")
+    overwrite: bool = option(False, "start a new run in an --out-dir that holds one (its last.pt, best.pt and "
+                                    "metrics.jsonl are deleted); without it (and without --resume) such a folder "
+                                    "is refused")
+    eval_every: int = option(1, "score the validation split every N epochs (0 = only at the end)",
+                             check=maris.at_least(0))
+    log_every: int = option(20, "write a metrics.jsonl line every N steps (losses and gradient norm averaged "
+                                "over those steps and the processes)", check=maris.at_least(1))
+    save_every: int = option(0, "also write last.pt every N steps (0 = off)", check=maris.at_least(0))
+    save_minutes: float = option(5.0, "also write last.pt when this many minutes of training passed since the last "
+                                      "write, so a kill loses at most that much (0 = off); last.pt is written at "
+                                      "every epoch's end too, and holds the trainable weights only",
+                                 check=maris.at_least(0.0))
+    workers: int | None = option(None, "DataLoader worker processes per training process",
+                                 auto="0 for shapes (rendering is cheap), else min(4, CPU count)",
+                                 check=maris.at_least(0))
+    device: str = option("auto", "auto (cuda when available) | cpu | cuda | cuda:N", check=maris.check_device)
+    precision: str = option("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32")
+    progress: bool = option(True, "show tqdm progress bars")
 
 
+DESCRIPTION = "Train MARIS (referring image segmentation on SAM + CLIP)."
 # Learning-rate decays after warm-up (LRSchedule's kinds).
 SCHEDULES = ("cosine", "poly", "constant")
-# Values that "auto" options take, per dataset kind (shapes demo vs. the RefCOCO family).
-# NOTE(paper): the RefCOCO values are DESIGN.md §7's reconstruction of the MARIS recipe; the shapes
+# Values that "auto" options take, per dataset kind (the shapes demos vs. the RefCOCO family).
+# NOTE(paper): the RefCOCO values reconstruct the MARIS recipe (README, "Train and evaluate"); the shapes
 # values were tuned so that `python train.py` gives a useful model in a few minutes on 2 CPU cores.
 AUTO = {
-    "shapes": dict(preset="tiny", epochs=4, lr=1e-3, warmup_steps=100, workers=0),
+    "shapes": dict(preset="tiny", epochs=4, lr=1e-3, warmup_steps=100, workers=0,
+                   train_scenes=data.SHAPES_NUM_IMAGES["train"]),
+    "shapes-gres": dict(preset="tiny", epochs=4, lr=1e-3, warmup_steps=100, workers=0,
+                        train_scenes=data.SHAPES_NUM_IMAGES["train"]),
     "refcoco": dict(preset="vit_b", epochs=50, lr=1e-4, warmup_steps=1000, workers=min(4, os.cpu_count() or 1)),
 }
+SHAPES_DATASETS = ("shapes", "shapes-gres")  # built in, no files
+DATASET_NAMES = (*SHAPES_DATASETS, *data.DATASETS)
+# --no-target-weight's "auto": on where expressions can refer to nothing (the head's BCE needs both labels).
+# NOTE(paper): 0.1 follows ReLA's criterion, whose no-target cross-entropy weighs 0.1 of its mask term; on
+# RefCOCO, RefCOCO+, G-Ref, shapes and PhraseCut every expression has a target, so the head stays off there
+# (RefCOCO training then is exactly MARIS's).
+NO_TARGET_WEIGHT = {"grefcoco": 0.1, "shapes-gres": 0.1}
+# The validation metric that picks best.pt, per metric set (evaluate.metric_set), and what each validation prints.
+# gIoU for gRefCOCO-style data (ReLA reports gIoU and cIoU): see --val-split's help for why.
+VAL_METRIC = {"ris": "oIoU", "gres": "gIoU", "phrasecut": "mIoU"}
+VAL_PRINTED = {"ris": ("oIoU", "mIoU", "Prec@0.5"), "gres": ("gIoU", "cIoU", "N-acc", "T-acc"),
+               "phrasecut": ("mIoU", "cumIoU", "Acc@0.5")}
+# TrainOptions that set the MarisConfig field of the same name (stored in the checkpoint's config).
+MAGNET_RISAM_FIELDS = ("mask_grounding_weight", "mask_ratio", "mask_grounding_use_mask", "alignment_weight",
+                       "alignment_temperature", "adapters", "adapter_ratio")
 
 
 def resolve_options(opts: TrainOptions) -> TrainOptions:
@@ -149,23 +230,24 @@ def resolve_options(opts: TrainOptions) -> TrainOptions:
     Raises:
         SystemExit: an unknown dataset, schedule or precision name.
     """
-    if opts.dataset != "shapes" and opts.dataset not in data.DATASETS:
-        raise SystemExit(f"error: unknown --dataset {opts.dataset!r}; expected shapes or one of "
-                         f"{sorted(data.DATASETS)}")
+    if opts.dataset not in DATASET_NAMES:
+        raise SystemExit(f"error: unknown --dataset {opts.dataset!r}; expected one of {', '.join(DATASET_NAMES)}")
     if opts.schedule not in SCHEDULES:
         raise SystemExit(f"error: --schedule must be one of {', '.join(SCHEDULES)}, got {opts.schedule!r}")
     try:
-        check_precision(opts.precision)
+        maris.check_precision(opts.precision)
     except ValueError as e:
         raise SystemExit(f"error: --{e}") from None
-    if opts.dataset != "shapes" and opts.train_scenes is not None:
-        raise SystemExit(f"error: --train-scenes is for the generated shapes dataset, not {opts.dataset}")
-    kind = "shapes" if opts.dataset == "shapes" else "refcoco"
+    if opts.dataset not in SHAPES_DATASETS and opts.train_scenes is not None:
+        raise SystemExit(f"error: --train-scenes is for the generated shapes datasets, not {opts.dataset}")
+    kind = opts.dataset if opts.dataset in SHAPES_DATASETS else "refcoco"
     values = dataclasses.asdict(opts)
     for key, value in AUTO[kind].items():
         if values[key] is None:
             values[key] = value
-    if values["split_by"] is None and opts.dataset != "shapes":
+    if values["no_target_weight"] is None:
+        values["no_target_weight"] = NO_TARGET_WEIGHT.get(opts.dataset, 0.0)
+    if values["split_by"] is None and opts.dataset not in SHAPES_DATASETS:
         values["split_by"] = data.DATASETS[opts.dataset][0]
     if values["context_length"] is None:  # data.py's default L for the dataset
         values["context_length"] = data.DEFAULT_CONTEXT_LENGTH[opts.dataset]
@@ -174,37 +256,6 @@ def resolve_options(opts: TrainOptions) -> TrainOptions:
     values["model_set"] = list(values["model_set"] or [])
     return TrainOptions(**values)
 
-
-def build_parser() -> argparse.ArgumentParser:
-    """argparse built from TrainOptions; each flag's help shows its default (or its "auto" rule)."""
-    p = argparse.ArgumentParser(description="Train MARIS (referring image segmentation on SAM + CLIP).",
-                                argument_default=argparse.SUPPRESS)  # absent flags stay absent (resume)
-    hints = typing.get_type_hints(TrainOptions)
-    for f in dataclasses.fields(TrainOptions):
-        flag = "--" + f.name.replace("_", "-")
-        shown = f.metadata["auto"] if f.default is None else f.default
-        help_text = f"{f.metadata['help']} (default: {shown})"
-        if hints[f.name] is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
-            continue
-        base = [t for t in typing.get_args(hints[f.name]) if t is not type(None)] or [hints[f.name]]
-        kind = base[0]
-        if f.metadata.get("multiple"):
-            p.add_argument(flag, action="append", metavar="KEY=VALUE", help=help_text)
-        else:
-            p.add_argument(flag, type=kind if kind in (int, float) else str, metavar=f.name.upper(), help=help_text)
-    return p
-
-
-def parse_options(argv: list[str] | None) -> tuple[TrainOptions, dict]:
-    """Command line → (options with defaults filled, the options given explicitly)."""
-    explicit = vars(build_parser().parse_args(argv))
-    return TrainOptions(**explicit), explicit
-
-
-# TrainOptions that set the MarisConfig field of the same name (stored in the checkpoint's config).
-MAGNET_RISAM_FIELDS = ("mask_grounding_weight", "mask_ratio", "mask_grounding_use_mask", "alignment_weight",
-                       "alignment_temperature", "adapters", "adapter_ratio")
 
 
 def model_config(opts: TrainOptions) -> dict:
@@ -223,8 +274,9 @@ def model_config(opts: TrainOptions) -> dict:
         overrides["loss_focal_weight"] = opts.loss_focal_weight
     if opts.loss_dice_weight is not None:
         overrides["loss_dice_weight"] = opts.loss_dice_weight
-    for name in MAGNET_RISAM_FIELDS:  # the switches of issue 5 are MarisConfig fields of the same name
+    for name in MAGNET_RISAM_FIELDS:  # MagNet's and RISAM's switches are MarisConfig fields of the same name
         overrides[name] = getattr(opts, name)
+    overrides["no_target_weight"] = opts.no_target_weight
     for item in opts.model_set:
         key, sep, raw = item.partition("=")
         if not sep or key not in known:
@@ -243,13 +295,13 @@ def model_config(opts: TrainOptions) -> dict:
     return maris.config_to_dict(cfg)
 
 
-# --- Learning-rate schedule ---
+
+
+# --- Learning rate, optimizer, data order ---
 
 class LRSchedule:
-    """Linear warm-up to the peak, then cosine / poly (power 0.9) decay to 0, or constant.
-
-    A callable object (not a lambda) so LambdaLR's state_dict keeps its fields.
-    """
+    """The factor of the peak learning rate at a step: linear warm-up to 1, then cosine / poly (power 0.9)
+    decay to 0, or constant."""
 
     def __init__(self, total_steps: int, warmup_steps: int, kind: str):
         self.total_steps, self.warmup_steps, self.kind = int(total_steps), int(warmup_steps), kind
@@ -265,18 +317,24 @@ class LRSchedule:
         return 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def build_optimizer(model: torch.nn.Module, opts: TrainOptions,
-                    heads: torch.nn.Module | None = None) -> torch.optim.AdamW:
+def learning_rate(step: int, opts: TrainOptions, total_steps: int) -> float:
+    """The learning rate of optimizer step `step` (0-based): a function of the step alone, so a resumed run
+    needs no scheduler state and takes --lr / --epochs / --schedule given with --resume from here on."""
+    return opts.lr * LRSchedule(total_steps, opts.warmup_steps, opts.schedule)(step)
+
+
+def build_optimizer(train_step: maris.TrainStep, opts: TrainOptions) -> torch.optim.AdamW:
     """AdamW over the trainable parameters only; no weight decay on biases and norm weights (1-D).
 
-    Args:
-        model: MARIS (its requires_grad parameters: the new modules, and the adapters when on).
-        opts: lr and weight decay.
-        heads: MagNet's training-only heads (maris.build_heads), trained beside the model.
+    Parameter order: MARIS's trainable parameters (the new modules, and the adapters when on), then
+    MagNet's heads, in each group; the order checkpoints' optimizer states are stored in.
+
+    Raises:
+        SystemExit: nothing to train.
     """
     decay, no_decay = [], []
-    for module in (model, heads):
-        for p in (module.parameters() if module is not None else ()):
+    for module in (train_step.model, train_step.heads):
+        for p in module.parameters():
             if p.requires_grad:
                 (no_decay if p.ndim <= 1 else decay).append(p)
     if not decay and not no_decay:
@@ -285,8 +343,6 @@ def build_optimizer(model: torch.nn.Module, opts: TrainOptions,
     return torch.optim.AdamW(groups, lr=opts.lr)
 
 
-# --- Data order: a pure function of (seed, epoch) ---
-
 def epoch_batches(num_items: int, *, batch_size: int, seed: int, epoch: int, rank: int, world: int,
                   image_ids: list[int] | None = None, sentences_per_image: int = 1) -> list[list[int]]:
     """The batches (item indices) one process runs in one epoch: a pure function of its arguments.
@@ -294,7 +350,7 @@ def epoch_batches(num_items: int, *, batch_size: int, seed: int, epoch: int, ran
     sentences_per_image = 1: a DistributedSampler permutation (shuffle, drop_last), cut into
     batches; the last incomplete batch is dropped, so every step sees `batch_size` items per process.
     sentences_per_image = k > 1: data.ImageGroupedBatchSampler keeps up to k sentences of one image
-    together, so the frozen encoder runs once per distinct image of the batch (DESIGN.md §7).
+    together, so the frozen encoder runs once per distinct image of the batch.
     Either way a resumed run can skip the batches it already did.
     """
     if sentences_per_image > 1:
@@ -310,6 +366,28 @@ def epoch_batches(num_items: int, *, batch_size: int, seed: int, epoch: int, ran
     sampler.set_epoch(epoch)
     order = list(sampler)
     return [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+
+
+class _Head(torch.utils.data.Dataset):
+    """The first `n` items of a dataset (--train-limit / --val-limit), with what training and scoring read:
+    `image_ids`, `image_source`, `original_mask(index)`, `load_image(image_id)`."""
+
+    def __init__(self, dataset, n: int):
+        self.dataset, self.n = dataset, min(n, len(dataset))
+        self.image_ids = dataset.image_ids[:self.n]
+        self.image_source = getattr(dataset, "image_source", None)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> dict:
+        return self.dataset[index]
+
+    def original_mask(self, index: int):
+        return self.dataset.original_mask(index)
+
+    def load_image(self, image_id: int):
+        return self.dataset.load_image(image_id)
 
 
 # --- Checkpoints: atomic, self-describing ---
@@ -351,11 +429,29 @@ def mask_word_generator(seed: int, rank: int) -> torch.Generator:
 
 
 def atomic_save(obj: dict, path: pathlib.Path) -> None:
-    """torch.save through `data.atomic_write`: a kill at any moment leaves the old file or the new one."""
-    data.atomic_write(path, lambda f: torch.save(obj, f))
+    """torch.save through `data.atomic_write`: a kill at any moment leaves the old file or the new one.
+
+    Raises:
+        OSError: the write failed (a full disk, no permission); the message names the file and the cause, and
+            says that the previous file is intact.
+    """
+    path = pathlib.Path(path)
+    try:
+        data.atomic_write(path, lambda f: torch.save(obj, f))
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write checkpoint {path}: {file_error(e)}; "
+                               + (f"the previous {path.name} is intact" if path.exists() else "nothing was written")
+                      ) from e
 
 
-# --- Distributed setup ---
+def file_error(error: OSError) -> str:
+    """The cause of a failed write in words: "No space left on device (errno 28)" rather than "[Errno 28] ..."."""
+    return f"{error.strerror} (errno {error.errno})" if error.strerror and error.errno else str(error)
+
+
+
+
+# --- Sums over the processes ---
 
 def all_reduce_sum(values: torch.Tensor | list[float], device: torch.device) -> torch.Tensor:
     """Sum a vector over all ranks (identity in a single process).
@@ -372,33 +468,322 @@ def all_reduce_sum(values: torch.Tensor | list[float], device: torch.device) -> 
     return t
 
 
-def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
-    """Average the gradients of parameters that live outside the DDP wrapper over all ranks.
+# --- The run: options, data, model + optimizer, resume ---
 
-    MagNet's heads are called by `maris.training_loss` beside the model, not through its DDP
-    wrapper, so DDP does not synchronise them. One all-reduce carries every gradient and a
-    has-gradient flag per parameter; a parameter no rank gave a gradient keeps `grad = None`
-    (as in one process), the others get the mean over the ranks (what DDP does for the model).
+@dataclass
+class Run:
+    """Everything a training run builds before its loop (`build_run`); the loop's functions read it."""
+
+    opts: TrainOptions
+    config: dict  # maris.config_to_dict of the model's config, as checkpoints store it
+    rank: int
+    world: int
+    device: torch.device
+    precision: str  # the precision that runs: "fp32" or "bf16"
+    train_set: torch.utils.data.Dataset
+    val_set: torch.utils.data.Dataset | None
+    train_step: maris.TrainStep  # MARIS (`.model`) and MagNet's heads (`.heads`)
+    runner: torch.nn.Module  # what computes a step's losses: train_step, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    mask_words: torch.Generator  # Mask Grounding's word choice, stored in checkpoints
+    log: "RunLog"  # run id, session and clock of metrics.jsonl
+    encoders: dict  # the frozen encoders' files and sha256 (maris.encoder_record), stored in every checkpoint
+    batches_per_epoch: int = 0
+    train_cache: data.FeatureCache | None = None
+    val_cache: data.FeatureCache | None = None
+    resumed_from: str | None = None  # the checkpoint this session continues, None for a new run
+    validation_seconds: float = 0.0  # wall seconds this session spent scoring the validation split
+    validations: int = 0  # validation passes this session
+
+    @property
+    def model(self) -> maris.MARIS:
+        return self.train_step.model
+
+    @property
+    def main_process(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def out_dir(self) -> pathlib.Path:
+        return pathlib.Path(self.opts.out_dir)
+
+    @property
+    def total_steps(self) -> int:
+        return self.opts.epochs * self.batches_per_epoch
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """This process's batches of `epoch` (`epoch_batches`)."""
+        return epoch_batches(len(self.train_set), batch_size=self.opts.batch_size, seed=self.opts.seed, epoch=epoch,
+                             rank=self.rank, world=self.world, image_ids=list(self.train_set.image_ids),
+                             sentences_per_image=self.opts.sentences_per_image)
+
+
+@dataclass
+class Progress:
+    """Where the run stands: what a checkpoint restores (step, epoch, batch, best) and the loop's bookkeeping."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of `epoch` done
+    best: float = -1.0  # best validation score so far (the dataset's val_metric: oIoU, gIoU or mIoU)
+    last_good: str | None = None  # the checkpoint a non-finite loss falls back on, and its step
+    last_good_step: int | None = None
+    saved_at: int | None = None  # step of this run's latest last.pt
+    saved_time: float = dataclasses.field(default_factory=time.time)  # when (time.time()) it was written
+    save_due: bool = False  # --save-minutes passed on rank 0: write last.pt after this step (every rank)
+    evaluated_at: int | None = None  # step of this run's latest validation
+
+
+def epoch_number(progress: Progress) -> int:
+    """The 1-based epoch of the latest step (0 before the first step): metrics.jsonl's and the printed epoch."""
+    return progress.epoch + (progress.batch_in_epoch > 0)
+
+
+def load_options(opts: TrainOptions, explicit: dict,
+                 main_process: bool) -> tuple[TrainOptions, dict | None, str | None]:
+    """The run's resolved options and the checkpoint it resumes (None for a new run) with its path.
+
+    With --resume the checkpoint's options come back, the flags given on this command line on top.
     """
-    if world <= 1 or not params:
+    resume = opts.resume
+    if resume == "auto":
+        last = pathlib.Path(resolve_options(opts).out_dir) / "last.pt"
+        resume = str(last) if last.is_file() else None
+        if resume is None and main_process:
+            print(f"--resume auto: no {last} yet, starting a new run")
+    if not resume:
+        return resolve_options(opts), None, None
+    if not pathlib.Path(resume).is_file():
+        raise SystemExit(f"error: --resume {resume}: no such checkpoint")
+    ckpt = maris.read_checkpoint(resume)  # a damaged or foreign file: ValueError naming it
+    stored = {k: v for k, v in ckpt["options"].items() if k in {f.name for f in dataclasses.fields(TrainOptions)}}
+    opts = resolve_options(TrainOptions(**{**stored, **explicit}))
+    if explicit.keys() & {"preset", "image_size", "context_length", "model_set", "loss_focal_weight",
+                          "loss_dice_weight", "no_target_weight", *MAGNET_RISAM_FIELDS}:
+        if model_config(opts) != ckpt["config"] and main_process:
+            print("note: model options given with --resume are ignored; the checkpoint's config is used")
+    return opts, ckpt, resume
+
+
+def build_data(opts: TrainOptions, config: dict) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset | None]:
+    """The training and validation splits (the latter None without --val-split).
+
+    Raises:
+        SystemExit: missing or malformed data (data.py's message names the file and the expected layout).
+    """
+    # With the feature cache the pixels are only read (by load_image) to fill missing entries.
+    kw = dict(root=opts.data_root, split_by=opts.split_by, image_size=config["image_size"],
+              context_length=config["context_length"], image_dir=opts.image_dir,
+              load_images=opts.feature_cache is None)
+    try:
+        train_set = data.build_dataset(opts.dataset, opts.train_split, **kw, num_images=opts.train_scenes)
+        # Validation scores against original_mask(index) (evaluate_model): no padded mask per item.
+        val_set = data.build_dataset(opts.dataset, opts.val_split, **kw, load_masks=False) if opts.val_split else None
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if opts.train_limit > 0:
+        train_set = _Head(train_set, opts.train_limit)
+    if val_set is not None and opts.val_limit > 0:
+        val_set = _Head(val_set, opts.val_limit)
+    return train_set, val_set
+
+
+def build_train_step(config: dict, opts: TrainOptions, device: torch.device) -> maris.TrainStep:
+    """MARIS (seeded by the config's init_seed, encoder weights loaded) and MagNet's heads, on `device`."""
+    model = maris.build_model(config, sam_checkpoint=opts.sam_checkpoint, clip_checkpoint=opts.clip_checkpoint)
+    model = model.to(device)
+    try:  # MagNet's training-only heads (empty when both weights are 0); they never enter model checkpoints
+        return maris.TrainStep(model, maris.build_heads(model.cfg, model))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def open_caches(run: Run) -> None:
+    """Open --feature-cache for both splits: rank 0 first (emptying it with --rebuild-feature-cache), then the
+    others; two ranks writing one image is harmless (each entry is renamed into place)."""
+    # The encoder weights' hash (a full read of them, ~2.5 GB for ViT-H) was taken once for the run (build_run);
+    # with adapters there is none to pass (open_feature_cache refuses them).
+    encoder_sha256 = None if run.model.cfg.adapters else run.encoders["sam"]["sha256"]
+    if run.main_process:
+        open_split_caches(run, encoder_sha256, rebuild=run.opts.rebuild_feature_cache)
+    if run.world > 1:
+        dist.barrier()
+    if not run.main_process:
+        open_split_caches(run, encoder_sha256, rebuild=False)
+
+
+def open_split_caches(run: Run, encoder_sha256: str | None, *, rebuild: bool) -> None:
+    """Set run.train_cache and run.val_cache (`data.open_feature_cache`); its refusals end the run."""
+    kw = dict(precision=run.precision, encoder_sha256=encoder_sha256, rebuild=rebuild)
+    try:
+        run.train_cache = data.open_feature_cache(run.model, run.train_set, run.opts.feature_cache, **kw)
+        if run.val_set is not None:
+            run.val_cache = data.open_feature_cache(run.model, run.val_set, run.opts.feature_cache, **kw)
+    except ValueError as e:
+        hint = "" if run.model.cfg.adapters else " (--rebuild-feature-cache)"
+        raise SystemExit(f"error: {e}{hint}") from None
+
+
+def restore(run: Run, ckpt: dict, path: str) -> Progress:
+    """Load a checkpoint's weights, optimizer state and RNG states into the run; return its progress."""
+    run.model.load_trainable_state_dict(ckpt["model"])
+    try:
+        run.train_step.heads.load_state_dict(ckpt.get("heads", {}))
+    except RuntimeError as e:
+        raise SystemExit(f"error: --resume {path}: the MagNet heads in the checkpoint do not match its "
+                         f"config: {str(e).splitlines()[0]}") from None
+    # Same parameter order as when it was saved (build_optimizer); its "scheduler" entry is not read:
+    # the learning rate follows from the step (learning_rate).
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    sampler = ckpt["sampler"]
+    progress = Progress(step=int(ckpt["step"]), epoch=int(sampler["epoch"]),
+                        batch_in_epoch=int(sampler["batch_in_epoch"]),
+                        best=float(ckpt.get("best", ckpt.get("best_oIoU", -1.0))),
+                        last_good=path, last_good_step=int(ckpt["step"]),
+                        evaluated_at=ckpt.get("evaluated_at"))
+    if sampler["world_size"] != run.world and run.main_process:
+        print(f"note: checkpoint written with {sampler['world_size']} process(es), resuming with {run.world}: "
+              f"the data order after resume differs from an uninterrupted run")
+    rngs = ckpt["rng"]
+    set_rng_state(rngs[run.rank] if run.rank < len(rngs) else rngs[0], run.mask_words)
+    if run.main_process:
+        print(f"resumed from {path}: step {progress.step}, epoch {progress.epoch}, batch {progress.batch_in_epoch}")
+    return progress
+
+
+def distributed(train_step: maris.TrainStep, device: torch.device, world: int) -> torch.nn.Module:
+    """What runs a step: the TrainStep itself, or under torchrun its DistributedDataParallel wrapper."""
+    if world == 1:
+        return train_step
+    # broadcast_buffers off: the frozen encoders' buffers are identical on every rank already.
+    # find_unused_parameters off: every trained parameter (MARIS's, the heads', the adapters') gets a
+    # gradient at every step, also when no sentence of a rank's batch has a word for Mask Grounding (its
+    # loss is then a zero attached to the whole head), so DDP skips the per-step search of the autograd
+    # graph. A configuration that left one unused would stop with DDP's error naming it.
+    return torch.nn.parallel.DistributedDataParallel(
+        train_step, device_ids=[device.index] if device.type == "cuda" else None,
+        broadcast_buffers=False, find_unused_parameters=False)
+
+
+def build_run(opts: TrainOptions, explicit: dict) -> tuple[Run, Progress]:
+    """Join the process group, then build the data, the model, heads and optimizer, the caches; resume."""
+    rank, world, device = maris.setup_distributed(opts.device)  # torchrun: join the process group
+    opts, ckpt, resume = load_options(opts, explicit, rank == 0)
+    if rank == 0:  # refuse a folder that holds another run before minutes of building (`claim_run_folder`)
+        check_run_folder(pathlib.Path(opts.out_dir), resume=resume, overwrite=opts.overwrite)
+    config = model_config(opts) if ckpt is None else ckpt["config"]
+    train_set, val_set = build_data(opts, config)
+    # The model and heads are seeded by the config (init_seed); the global RNGs differ per rank, and
+    # Mask Grounding's word choice draws from a generator of its own (mask_word_generator).
+    random.seed(opts.seed + rank)
+    np.random.seed(opts.seed + rank)
+    torch.manual_seed(opts.seed + rank)
+    train_step = build_train_step(config, opts, device)
+    # Each frozen encoder's weights are hashed once per run: every checkpoint records them, a resume and
+    # evaluate.py compare them, the feature cache reuses SAM's.
+    hashes = maris.encoder_hashes(train_step.model)
+    if ckpt is not None:
+        maris.check_encoders(ckpt, train_step.model, source=resume, sam_checkpoint=explicit.get("sam_checkpoint"),
+                             clip_checkpoint=explicit.get("clip_checkpoint"), hashes=hashes)
+    run = Run(opts=opts, config=config, rank=rank, world=world, device=device,
+              precision=maris.effective_precision(device, opts.precision), train_set=train_set, val_set=val_set,
+              train_step=train_step, runner=train_step, optimizer=build_optimizer(train_step, opts),
+              mask_words=mask_word_generator(opts.seed, rank), log=RunLog.of(ckpt),
+              encoders=maris.encoder_record(hashes, {"sam": opts.sam_checkpoint, "clip": opts.clip_checkpoint}))
+    run.batches_per_epoch = len(run.batches(0))
+    if run.batches_per_epoch == 0:
+        raise SystemExit(f"error: the {opts.train_split} split has {len(train_set)} items, fewer than "
+                         f"batch size {opts.batch_size} x {world} process(es)")
+    if opts.feature_cache is not None:
+        open_caches(run)
+    progress = Progress() if ckpt is None else restore(run, ckpt, resume)
+    run.resumed_from = resume
+    if opts.compile:
+        # In place (nn.Module.compile), so parameter names and state-dict keys stay the same.
+        for module in (run.model.feature_enhancement, *run.model.maa_blocks, run.model.mask_decoder):
+            if module is not None:  # the ablation without Feature Enhancement has none
+                module.compile()
+    run.runner = distributed(train_step, device, world)
+    return run, progress
+
+
+def print_banner(run: Run) -> None:
+    """What runs: the model, the data, the steps, the encoders' weights, the add-ons (rank 0 only)."""
+    if not run.main_process:
         return
-    device = params[0].device
-    flags = torch.tensor([float(p.grad is not None) for p in params], device=device)  # (P,)
-    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
-    flat = torch.cat([*grads, flags])  # (sum of numel + P,)
-    dist.all_reduce(flat)
-    values, flags = flat[:-len(params)], flat[-len(params):]
-    for p, g, flag in zip(params, values.split([p.numel() for p in params]), flags.tolist()):
-        if flag > 0:
-            p.grad = (g / world).reshape(p.shape).to(p.dtype)
+    opts, cfg, model = run.opts, run.model.cfg, run.model
+    n_train = sum(p.numel() for p in run.train_step.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    print(f"MARIS {opts.preset} S={cfg.image_size} on {opts.dataset} {opts.train_split}: {len(run.train_set)} items, "
+          f"{run.batches_per_epoch} steps/epoch x {opts.epochs} epochs, batch {opts.batch_size} x {run.world}, "
+          f"{n_train:,} trainable of {n_all:,} parameters, {run.device}, out {run.out_dir}")
+    print(f"encoders: SAM {opts.sam_checkpoint or 'RANDOM (no --sam-checkpoint)'}, "
+          f"CLIP {opts.clip_checkpoint or 'RANDOM (no --clip-checkpoint)'}"
+          + (f"; feature cache {run.train_cache.root} ({run.train_cache.bytes_per_image:,} bytes/image)"
+             if run.train_cache is not None else ""))
+    extras = [f"{name} {getattr(cfg, name + '_weight')}" for name in OPTIONAL_LOSSES
+              if getattr(cfg, name + "_weight") > 0] + (["RISAM adapters"] if cfg.adapters else [])
+    if extras:
+        print("add-ons: " + ", ".join(extras))
 
 
-# --- Training ---
+# --- Checkpoints and the metrics log ---
 
-# Loss terms averaged into metrics.jsonl; MagNet's two only when their weight is > 0.
-LOSS_KEYS = ("loss", "focal", "dice", "mask_grounding", "alignment")
-# Everything a "train" record averages over its steps: the losses and the gradient norm before clipping.
-LOG_KEYS = (*LOSS_KEYS, "grad_norm")
+def save_checkpoint(run: Run, progress: Progress, path: pathlib.Path) -> None:
+    """Write a checkpoint (every rank calls it: the RNG states are gathered to rank 0)."""
+    states = [rng_state(run.mask_words)]
+    if run.world > 1:
+        states = [None] * run.world
+        dist.all_gather_object(states, rng_state(run.mask_words))
+    if not run.main_process:
+        return
+    opts = run.opts
+    atomic_save({
+        "config": run.config, "options": dataclasses.asdict(opts), "model": run.model.trainable_state_dict(),
+        "heads": run.train_step.heads.state_dict(), "optimizer": run.optimizer.state_dict(),
+        # A description only: resuming recomputes the learning rate from the step.
+        "scheduler": {"schedule": opts.schedule, "warmup_steps": opts.warmup_steps, "total_steps": run.total_steps,
+                      "peak_lr": opts.lr, "lr": learning_rate(progress.step, opts, run.total_steps)},
+        "step": progress.step, "epoch": progress.epoch,
+        # the best validation score so far, of the dataset's validation metric (val_metric)
+        "best_metric": val_metric(opts), "best": progress.best,
+        **({"best_oIoU": progress.best} if val_metric(opts) == "oIoU" else {}),
+        "evaluated_at": progress.evaluated_at,  # a resume does not score this step again
+        "sampler": {"seed": opts.seed, "epoch": progress.epoch, "batch_in_epoch": progress.batch_in_epoch,
+                    "world_size": run.world, "batch_size": opts.batch_size},
+        "rng": states,
+        "encoders": run.encoders,  # the frozen encoders' files and sha256: checked on resume and by evaluate.py
+        "log": run.log.state(),  # metrics.jsonl's records up to here, its run id, session and clock
+    }, path)
+
+
+def save_last(run: Run, progress: Progress) -> None:
+    """Write <out-dir>/last.pt; it becomes the checkpoint a non-finite loss falls back on."""
+    save_checkpoint(run, progress, run.out_dir / "last.pt")
+    progress.last_good, progress.last_good_step = str(run.out_dir / "last.pt"), progress.step
+    progress.saved_at, progress.saved_time = progress.step, time.time()
+
+
+def log_record(run: Run, record: dict) -> None:
+    """Append one JSON line to <out-dir>/metrics.jsonl (rank 0) with the run id, session and seconds (`RunLog`);
+    NaN (an empty split's metrics) is null.
+
+    Raises:
+        OSError: the write failed; the message names the file and the cause.
+    """
+    if run.main_process:
+        path = run.out_dir / "metrics.jsonl"
+        line = json.dumps(without_nan({**record, "run": run.log.run_id, "session": run.log.session,
+                                       "seconds": round(run.log.now(), 3)}))
+        try:
+            with open(path, "a") as f:
+                f.write(line + "\n")
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write {path}: {file_error(e)}") from e
+        run.log.records += 1
+
+
+# --- One step, one epoch, validation ---
 
 class _Stop:
     """Set by the SIGINT/SIGTERM handler; checked after every step."""
@@ -412,375 +797,431 @@ class _Stop:
         self.signal = signal.Signals(signum).name
 
 
+# Loss terms averaged into metrics.jsonl; MagNet's two and the no-target BCE only when their weight is > 0.
+LOSS_KEYS = ("loss", "focal", "dice", "mask_grounding", "alignment", "no_target")
+OPTIONAL_LOSSES = ("mask_grounding", "alignment", "no_target")  # logged when MarisConfig.<name>_weight > 0
+# Everything a "train" record averages over its steps: the losses and the gradient norm before clipping.
+LOG_KEYS = (*LOSS_KEYS, "grad_norm")
+
+
+def batch_losses(runner: torch.nn.Module, batch: dict, inputs: dict, *, device: torch.device, precision: str,
+                 generator: torch.Generator | None = None, no_target: bool = False) -> dict:
+    """The losses of one `data.collate_images` batch: `runner` (a TrainStep or its DDP wrapper) under autocast.
+
+    Args:
+        inputs: the batch's image arguments (`data.batch_image_inputs`).  precision: "fp32" or "bf16".
+        generator: Mask Grounding's RNG.
+        no_target: pass the batch's "no_target" labels (B,) to the no-target head's BCE (set when the
+            model's no_target_weight > 0; otherwise TrainStep gets exactly the arguments it got before).
+
+    Returns:
+        TrainStep's loss dict; the padded area (outside each image's `input_size`) takes no part.
+    """
+    masks = batch["mask"].to(device)  # (B, S, S)
+    valid = data.valid_mask(batch["input_size"], masks.shape[-1]).to(device)  # (B, S, S) False on the padding
+    labels = {"no_target": batch["no_target"].to(device)} if no_target else {}  # (B,) bool
+    with maris.autocast(device, precision):
+        # focal + dice (+ MagNet's losses, the no-target BCE when their weights are > 0); the losses run in fp32
+        return runner(ids=batch["ids"].to(device), word_mask=batch["word_mask"].to(device), masks=masks,
+                      valid=valid, generator=generator, **inputs, **labels)
+
+
+def train_one_step(run: Run, batch: dict, progress: Progress, stop: _Stop) -> tuple[dict, torch.Tensor, int, bool]:
+    """Forward, backward, clip and optimizer step on one batch.
+
+    Returns:
+        (losses, gradient norm before clipping, images the encoder ran on, whether any rank got a stop signal).
+
+    Raises:
+        SystemExit: a non-finite loss on any rank (before the optimizer step: the weights never see it).
+    """
+    opts, device = run.opts, run.device
+    # images (B_img, 3, S, S) of the distinct images, or their cached encoder outputs
+    inputs, encoded = data.batch_image_inputs(batch, device=device, model=run.model, cache=run.train_cache,
+                                              dataset=run.train_set, batch_size=opts.batch_size,
+                                              precision=run.precision)
+    losses = batch_losses(run.runner, batch, inputs, device=device, precision=run.precision,
+                          generator=run.mask_words, no_target=run.model.cfg.no_target_weight > 0)
+    loss = losses["loss"]
+    # Every rank learns whether any rank saw a non-finite loss or a stop signal, and whether rank 0's clock
+    # says last.pt is due (--save-minutes): three flags in one device tensor, one all-reduce, read after the
+    # backward pass has been queued.
+    due = run.main_process and opts.save_minutes > 0 and time.time() - progress.saved_time >= 60 * opts.save_minutes
+    flags = torch.stack([(~torch.isfinite(loss.detach())).double(),
+                         torch.full((), float(stop.signal is not None), dtype=torch.float64, device=device),
+                         torch.full((), float(due), dtype=torch.float64, device=device)])
+    flags = all_reduce_sum(flags, device)  # (3,) [non-finite, signal, save due]
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # under DDP the gradients (the heads' included) are averaged over the ranks here
+    trainable = [p for p in run.train_step.parameters() if p.requires_grad]  # MARIS's, then the heads'
+    if opts.grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, opts.grad_clip)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
+    # The loop's deliberate host sync; MARIS's input checks (word mask, image_index) sync as well.
+    bad, sig, save_due = flags.tolist()
+    if bad:
+        where = (f"the last good checkpoint is {progress.last_good} (step {progress.last_good_step})"
+                 if progress.last_good else "no checkpoint was written yet")
+        raise SystemExit(f"error: non-finite loss ({loss.item()}) at step {progress.step + 1} "
+                         f"(epoch {progress.epoch + 1}); stopping without saving; {where}")
+    for group in run.optimizer.param_groups:
+        group["lr"] = learning_rate(progress.step, opts, run.total_steps)
+    run.optimizer.step()
+    progress.step += 1
+    progress.batch_in_epoch += 1
+    progress.save_due = save_due > 0
+    return losses, grad_norm, encoded, sig > 0
+
+
+class LossWindow:
+    """Running sums of the logged values (LOG_KEYS) since the last "train" record, kept on the device
+    so that they are read at log steps only."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(len(LOG_KEYS), dtype=torch.float64, device=device)
+        self.n, self.start = 0, time.time()
+
+    def add(self, losses: dict, grad_norm: torch.Tensor) -> None:
+        values = [*(losses[k].detach() for k in LOSS_KEYS), grad_norm.to(self.sums.device)]
+        self.sums += torch.stack(values).double()  # (len(LOG_KEYS),)
+        self.n += 1
+
+    def means(self, world: int) -> dict:
+        """The means over the window's steps and every rank (each rank runs as many steps)."""
+        sums = all_reduce_sum(self.sums, self.sums.device) / (self.n * world)
+        return dict(zip(LOG_KEYS, sums.tolist()))
+
+
+def log_train(run: Run, progress: Progress, window: LossWindow, bar: tqdm) -> None:
+    """Write a "train" record of the window's means (MagNet's losses and the no-target BCE only when on) and
+    show it on the bar."""
+    cfg = run.model.cfg
+    means = {k: v for k, v in window.means(run.world).items()
+             if k not in OPTIONAL_LOSSES or getattr(cfg, k + "_weight") > 0}
+    speed = window.n * run.opts.batch_size * run.world / max(time.time() - window.start, 1e-9)
+    lr = learning_rate(progress.step, run.opts, run.total_steps)  # that of the next step
+    log_record(run, {"kind": "train", "step": progress.step, "epoch": epoch_number(progress), "steps": window.n,
+                     **means, "lr": lr, "items_per_s": speed})
+    bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}", items_s=f"{speed:.1f}")
+
+
+def done(run: Run, progress: Progress) -> bool:
+    """--max-steps reached."""
+    return run.opts.max_steps > 0 and progress.step >= run.opts.max_steps
+
+
+def train_epoch(run: Run, progress: Progress, stop: _Stop) -> bool:
+    """Run the rest of the current epoch (or up to --max-steps); return whether a signal stops the run.
+
+    Stopping is decided from values reduced over all ranks only, so every rank stops at the same step.
+    """
+    opts = run.opts
+    batches = run.batches(progress.epoch)[progress.batch_in_epoch:]
+    # The generator only seeds the workers; seeding it from (seed, epoch) keeps the global RNG untouched by
+    # loader creation, which exact resume relies on. collate_images keeps each distinct image of a batch once.
+    loader = torch.utils.data.DataLoader(run.train_set, batch_sampler=batches, collate_fn=data.collate_images,
+                                         num_workers=opts.workers, pin_memory=run.device.type == "cuda",
+                                         generator=torch.Generator().manual_seed(opts.seed * 1000 + progress.epoch))
+    bar = tqdm(loader, total=run.batches_per_epoch, initial=progress.batch_in_epoch,
+               desc=f"epoch {progress.epoch + 1}/{opts.epochs}", disable=not (opts.progress and run.main_process),
+               dynamic_ncols=True, leave=False)
+    run.runner.train()
+    window, epoch_start, encoded, stopping = LossWindow(run.device), time.time(), 0, False
+    for batch in bar:
+        losses, grad_norm, n_encoded, stopping = train_one_step(run, batch, progress, stop)
+        encoded += n_encoded
+        window.add(losses, grad_norm)
+        if progress.step % opts.log_every == 0 or progress.batch_in_epoch == run.batches_per_epoch:
+            log_train(run, progress, window, bar)
+            window = LossWindow(run.device)
+        epoch_ends = progress.batch_in_epoch == run.batches_per_epoch  # `train` writes last.pt then
+        if ((opts.save_every > 0 and progress.step % opts.save_every == 0) or progress.save_due) and not epoch_ends:
+            save_last(run, progress)
+        if stopping or done(run, progress):
+            break
+    bar.close()
+    if not stopping:
+        stopping = all_reduce_sum([float(stop.signal is not None)], run.device).item() > 0
+    if not stopping and progress.batch_in_epoch == run.batches_per_epoch:
+        # Wall time of this process's share of the epoch (before validation), and the images the frozen
+        # encoder ran on, summed over ranks (0 once a feature cache holds every image).
+        log_record(run, {"kind": "epoch", "step": progress.step, "epoch": epoch_number(progress),
+                         "epoch_seconds": round(time.time() - epoch_start, 3),
+                         "encoded_images": int(all_reduce_sum([encoded], run.device).item())})
+    return stopping
+
+
+def val_metric(opts: TrainOptions) -> str:
+    """The validation metric that picks best.pt for the run's dataset (VAL_METRIC)."""
+    return VAL_METRIC[metric_set(opts.dataset)]
+
+
+def validate(run: Run, progress: Progress) -> dict | None:
+    """Score the validation split (every rank its share) with the dataset's metric set; a new best of its
+    validation metric (`val_metric`: oIoU, gIoU or mIoU) writes best.pt.
+
+    gRefCOCO-style splits decide "no target" by the model's no-target head when it has one, else by an
+    empty mask (`evaluate.scoring_for`, the default of evaluate.py).
+    """
+    progress.evaluated_at = progress.step
+    if run.val_set is None:
+        return None
+    opts = run.opts
+    scoring = scoring_for(opts.dataset, run.model)
+    start = time.time()
+    metrics = evaluate_model(run.model, run.val_set, batch_size=opts.batch_size, device=run.device,
+                             precision=opts.precision, workers=opts.workers, cache=run.val_cache,
+                             progress=opts.progress and run.main_process, desc=f"val {opts.val_split}",
+                             scoring=scoring)
+    run.validation_seconds += time.time() - start
+    run.validations += 1
+    rule = {"no_target_rule": scoring.nt_rule} if scoring.metrics == "gres" else {}
+    log_record(run, {"kind": "eval", "step": progress.step, "epoch": epoch_number(progress), "split": opts.val_split,
+                     **metrics, **rule})
+    name = val_metric(opts)
+    improved = metrics[name] > progress.best  # False for NaN (a split without items)
+    if run.main_process:
+        shown = "  ".join(f"{k} {_percent(metrics[k])}" for k in VAL_PRINTED[scoring.metrics])
+        counted = f"{metrics['count']} {COUNT_NOUNS[scoring.metrics]}" + (
+            f"; no target by the {scoring.nt_rule} rule" if rule else "")
+        print(f"step {progress.step} epoch {epoch_number(progress)}: {opts.val_split} {shown}  ({counted})"
+              + ("  new best" if improved else ""))
+    if improved:
+        progress.best = metrics[name]
+        save_checkpoint(run, progress, run.out_dir / "best.pt")
+    return metrics
+
+
+def _percent(value: float) -> str:
+    """A metric (a fraction) in percent with 2 decimals, "-" when undefined (NaN)."""
+    return "-" if value != value else f"{100 * value:.2f}"
+
+
+# --- The run folder: one run per folder, one writer at a time, a faithful metrics.jsonl ---
+# A folder holds one run: a new run is refused where another left its files (unless --overwrite), and the
+# running process holds an exclusive lock on <out-dir>/train.lock. The lock is flock(2): the system releases
+# it when the process ends in any way (kill -9 included), so a killed run never blocks its resume; the file
+# stays behind, unlocked, naming the last holder. Under torchrun rank 0 alone holds it.
+# metrics.jsonl is the run's history: every checkpoint stores how many records the file had when it was
+# written, and a resume drops the records written after it (their steps run again), so no step appears
+# twice; each record names the run, the session (1 = the start, + 1 per resume) and the training seconds
+# summed over the sessions.
+
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # what makes a folder hold a run; --overwrite deletes them
+LOCK_FILE = "train.lock"
+
+
+def check_run_folder(out_dir: pathlib.Path, *, resume: str | None, overwrite: bool) -> None:
+    """Refuse to start where another run's files would be overwritten or mixed in.
+
+    Allowed: a folder without RUN_FILES, --overwrite, or resuming a checkpoint that lies in the folder.
+
+    Raises:
+        SystemExit: the folder holds another run; the message says which files and what to do.
+    """
+    present = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if not present or overwrite:
+        return
+    if resume is not None and pathlib.Path(resume).resolve().parent == out_dir.resolve():
+        return
+    to_resume = "--resume auto to continue it, " if "last.pt" in present and resume is None else ""
+    raise SystemExit(f"error: run folder {out_dir} already holds a run ({', '.join(present)}): expected another "
+                     f"--out-dir, {to_resume}or --overwrite to replace it")
+
+
+class RunLock:
+    """An exclusive lock on <out-dir>/train.lock, held from `acquire` to `release` (see the comment above).
+
+    Raises:
+        SystemExit: another process holds it; the message names the holder written in the file.
+    """
+
+    def __init__(self, out_dir: pathlib.Path):
+        self.path, self.file = out_dir / LOCK_FILE, None
+
+    def acquire(self) -> "RunLock":
+        if fcntl is None:
+            print(f"note: no file locking on this system: nothing stops a second training in {self.path.parent}")
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a+")  # not truncated: a refused process still reads the holder
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.release()
+            raise SystemExit(f"error: run folder {self.path.parent} is in use by another training ({holder} holds "
+                             f"{self.path}): expected one training per folder; wait for it to end or pick another "
+                             f"--out-dir") from None
+        self.file.truncate(0)
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self.file.flush()
+        return self
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()  # closing the last descriptor releases the flock
+            self.file = None
+
+
+@dataclass
+class RunLog:
+    """The run id, session and clock of metrics.jsonl's records (see the comment above)."""
+
+    run_id: str  # 12 hex digits, drawn when the run starts, the same in every session
+    session: int = 1
+    records: int = 0  # lines of metrics.jsonl so far
+    seconds: float = 0.0  # training seconds of the earlier sessions, up to the checkpoint this one resumed from
+    started: float = dataclasses.field(default_factory=time.time)
+
+    @classmethod
+    def of(cls, ckpt: dict | None) -> "RunLog":
+        """A new run's log, or the log of the checkpoint resumed (one from before run ids: a new id, session 2)."""
+        if ckpt is None:
+            return cls(run_id=uuid.uuid4().hex[:12])
+        if "log" not in ckpt:
+            return cls(run_id=uuid.uuid4().hex[:12], session=2, records=-1)  # records: unknown
+        log = ckpt["log"]
+        return cls(run_id=log["run_id"], session=log["session"] + 1, records=log["records"], seconds=log["seconds"])
+
+    def now(self) -> float:
+        """Training seconds of the run so far, summed over its sessions."""
+        return self.seconds + time.time() - self.started
+
+    def state(self) -> dict:
+        """What a checkpoint stores."""
+        return {"run_id": self.run_id, "session": self.session, "records": self.records, "seconds": self.now()}
+
+
+def keep_records(path: pathlib.Path, keep: int, step: int) -> tuple[int, int]:
+    """Cut metrics.jsonl back to its first `keep` lines, those written up to the checkpoint (of `step`) that a
+    resume starts from; keep < 0 (a checkpoint from before record counts): the leading records up to that step.
+    The file is rewritten atomically. Returns (lines kept, lines dropped)."""
+    lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
+    if keep < 0:
+        keep = 0
+        while keep < len(lines) and lines[keep].startswith("{") and json.loads(lines[keep]).get("step", 0) <= step:
+            keep += 1
+    keep = min(keep, len(lines))
+    if keep < len(lines):
+        data.atomic_write(path, lambda f: f.write("".join(lines[:keep]).encode()))
+    return keep, len(lines) - keep
+
+
+def claim_run_folder(run: Run, progress: Progress) -> RunLock:
+    """Rank 0, before anything is written: lock the folder, check it again under the lock (a run may have
+    started since `build_run` checked), delete an overwritten run's files, cut metrics.jsonl back to the
+    checkpoint resumed and write this session's "start" record.
+
+    Raises:
+        SystemExit: the folder is locked by another process, or holds another run.
+    """
+    lock = RunLock(run.out_dir).acquire()
+    try:
+        check_run_folder(run.out_dir, resume=run.resumed_from, overwrite=run.opts.overwrite)
+        same_folder = (run.resumed_from is not None
+                       and pathlib.Path(run.resumed_from).resolve().parent == run.out_dir.resolve())
+        if run.opts.overwrite and not same_folder:
+            for name in RUN_FILES:
+                (run.out_dir / name).unlink(missing_ok=True)
+        run.log.records, dropped = keep_records(run.out_dir / "metrics.jsonl", run.log.records if same_folder else 0,
+                                                progress.step)
+        log_record(run, {"kind": "start", "step": progress.step, "epoch": epoch_number(progress),
+                         "resumed_from": run.resumed_from, "dropped_records": dropped, "processes": run.world,
+                         "date": time.strftime("%Y-%m-%d %H:%M:%S")})
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+# --- The loop ---
+
 def train(opts: TrainOptions, explicit: dict) -> dict:
     """Run a training job (called by `main`; see the module docstring).
 
     Returns:
-        dict(step, epoch, best_oIoU, val=last validation metrics or None, out_dir, stopped_by,
-             seconds=dict(total, train, validation: wall seconds of the loop, setup: before it; cpu,
-                          setup_cpu: process CPU seconds of the same)).
+        dict(step, epoch, best_metric (oIoU, gIoU or mIoU), best (its best validation value, -1 before any),
+        best_oIoU (= best where best_metric is oIoU, else None), val=last validation metrics or None, out_dir,
+        stopped_by, seconds=`session_seconds` of this session).
 
     Raises:
         SystemExit: missing data, a bad option, a non-finite loss (names the step).
     """
-    setup_start, setup_cpu_start = time.time(), time.process_time()  # dataset generation, model build
-    rank, world, device = setup_distributed(opts.device)  # torchrun: join the process group
-    main_process = rank == 0
-
-    # Resume: the checkpoint's options, with the flags given on this command line on top.
-    ckpt = None
-    resume = opts.resume
-    if resume == "auto":
-        out_dir = resolve_options(opts).out_dir
-        resume = str(pathlib.Path(out_dir) / "last.pt") if (pathlib.Path(out_dir) / "last.pt").is_file() else None
-        if resume is None and main_process:
-            print(f"--resume auto: no {pathlib.Path(out_dir) / 'last.pt'} yet, starting a new run")
-    if resume:
-        if not pathlib.Path(resume).is_file():
-            raise SystemExit(f"error: --resume {resume}: no such checkpoint")
-        ckpt = torch.load(resume, map_location="cpu", weights_only=True)
-        stored = {k: v for k, v in ckpt["options"].items() if k in {f.name for f in dataclasses.fields(TrainOptions)}}
-        opts = TrainOptions(**{**stored, **explicit})
-    opts = resolve_options(opts)
-    out_dir = pathlib.Path(opts.out_dir)
-
-    # Datasets (data.py raises FileNotFoundError naming the missing file and the expected layout).
+    setup_start, setup_cpu = time.time(), time.process_time()
+    run, progress = build_run(opts, explicit)
+    opts = run.opts
+    run.log.started = time.time()  # the clock of metrics.jsonl counts training, not building
+    clock = {"setup": run.log.started - setup_start, "start": run.log.started, "cpu_start": time.process_time(),
+             "setup_cpu": time.process_time() - setup_cpu}
+    lock = claim_run_folder(run, progress) if run.main_process else None
+    stop, previous = _Stop(), {}
+    stopping, val_metrics = False, None
     try:
-        config = model_config(opts) if ckpt is None else ckpt["config"]
-        if ckpt is not None and explicit.keys() & {"preset", "image_size", "context_length", "model_set",
-                                                   "loss_focal_weight", "loss_dice_weight", *MAGNET_RISAM_FIELDS}:
-            if model_config(opts) != config and main_process:
-                print("note: model options given with --resume are ignored; the checkpoint's config is used")
-        size = config["image_size"]
-        # With the feature cache the pixels are only read (by load_image) to fill missing entries.
-        kw = dict(root=opts.data_root, split_by=opts.split_by, image_size=size,
-                  context_length=config["context_length"], image_dir=opts.image_dir,
-                  load_images=opts.feature_cache is None)
-        train_set = data.build_dataset(opts.dataset, opts.train_split, **kw, num_images=opts.train_scenes)
-        # Validation scores against original_mask(index) (evaluate_model): no padded mask per item.
-        val_set = (data.build_dataset(opts.dataset, opts.val_split, **kw, load_masks=False) if opts.val_split
-                   else None)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    if opts.train_limit > 0:
-        train_set = _Head(train_set, opts.train_limit)
-    if val_set is not None and opts.val_limit > 0:
-        val_set = _Head(val_set, opts.val_limit)
-
-    # Seeds: the model build is seeded on its own (evaluate.build_model); the RNGs used while
-    # training differ per rank so that random choices (e.g. Mask Grounding's masking) do too.
-    random.seed(opts.seed + rank)
-    np.random.seed(opts.seed + rank)
-    torch.manual_seed(opts.seed + rank)
-
-    model = build_model(config, sam_checkpoint=opts.sam_checkpoint, clip_checkpoint=opts.clip_checkpoint).to(device)
-    cfg = maris.config_from_dict(config)
-    try:  # MagNet's training-only heads (empty when both weights are 0); they never enter model checkpoints
-        heads = maris.build_heads(cfg, model)  # seeded by cfg.init_seed: the same on every rank
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    mask_words = mask_word_generator(opts.seed, rank)
-    optimizer = build_optimizer(model, opts, heads)
-
-    # Encoder feature cache (DESIGN.md §7): rank 0 opens (and, when asked, empties) it first, then
-    # the others; two ranks writing one image is harmless (each entry is renamed into place).
-    train_cache = val_cache = None
-    if opts.feature_cache is not None:
-        # The encoder weights' hash (a full read of them, ~2.5 GB for ViT-H) is taken once per run;
-        # with adapters there is none to take (open_feature_cache refuses them).
-        encoder_sha256 = None if cfg.adapters else state_dict_sha256(model.image_encoder)
-
-        def open_caches(rebuild: bool):
-            kw = dict(device=device, precision=opts.precision, rebuild=rebuild, encoder_sha256=encoder_sha256)
-            return (open_feature_cache(model, train_set, opts.feature_cache, **kw),
-                    open_feature_cache(model, val_set, opts.feature_cache, **kw) if val_set is not None else None)
-        if main_process:
-            train_cache, val_cache = open_caches(opts.rebuild_feature_cache)
-        if world > 1:
-            dist.barrier()
-        if not main_process:
-            train_cache, val_cache = open_caches(False)
-    order = dict(batch_size=opts.batch_size, seed=opts.seed, rank=rank, world=world,
-                 image_ids=list(train_set.image_ids), sentences_per_image=opts.sentences_per_image)
-    batches_per_epoch = len(epoch_batches(len(train_set), epoch=0, **order))
-    if batches_per_epoch == 0:
-        raise SystemExit(f"error: the {opts.train_split} split has {len(train_set)} items, fewer than "
-                         f"batch size {opts.batch_size} x {world} process(es)")
-    total_steps = opts.epochs * batches_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(total_steps, opts.warmup_steps,
-                                                                         opts.schedule))
-    step, epoch, batch_in_epoch, best = 0, 0, 0, -1.0
-    if ckpt is not None:
-        model.load_trainable_state_dict(ckpt["model"])
-        try:
-            heads.load_state_dict(ckpt.get("heads", {}))
-        except RuntimeError as e:
-            raise SystemExit(f"error: --resume {resume}: the MagNet heads in the checkpoint do not match its "
-                             f"config: {str(e).splitlines()[0]}") from None
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        # The schedule follows this run's options, so --epochs / --lr given with --resume take effect
-        # from the current step on; with unchanged options this reproduces the stored values exactly.
-        scheduler.lr_lambdas = [LRSchedule(total_steps, opts.warmup_steps, opts.schedule)
-                                for _ in optimizer.param_groups]
-        scheduler.base_lrs = [opts.lr for _ in optimizer.param_groups]
-        for group, fn in zip(optimizer.param_groups, scheduler.lr_lambdas):
-            group["initial_lr"], group["lr"] = opts.lr, opts.lr * fn(scheduler.last_epoch)
-        step, best = int(ckpt["step"]), float(ckpt["best_oIoU"])
-        epoch, batch_in_epoch = int(ckpt["sampler"]["epoch"]), int(ckpt["sampler"]["batch_in_epoch"])
-        if ckpt["sampler"]["world_size"] != world and main_process:
-            print(f"note: checkpoint written with {ckpt['sampler']['world_size']} process(es), resuming with "
-                  f"{world}: the data order after resume differs from an uninterrupted run")
-        rngs = ckpt["rng"]
-        set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0], mask_words)
-        if main_process:
-            print(f"resumed from {resume}: step {step}, epoch {epoch}, batch {batch_in_epoch}")
-    if opts.compile:
-        # In place (nn.Module.compile), so parameter names and state-dict keys stay the same.
-        for module in (model.feature_enhancement, *model.maa_blocks, model.mask_decoder):
-            module.compile()
-    ddp_model = model
-    if world > 1:
-        # broadcast_buffers off: the frozen encoders' buffers are identical on every rank already.
-        # find_unused_parameters off: every trainable parameter of MARIS gets a gradient each step (with
-        # and without MagNet's losses and RISAM's adapters; the heads live outside the wrapper), so DDP
-        # skips the per-step search of the autograd graph. A configuration that left one unused would
-        # stop with DDP's error naming it at the next step.
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False, find_unused_parameters=False)
-
-    head_params = [p for p in heads.parameters() if p.requires_grad]
-    trainable = [p for p in model.parameters() if p.requires_grad] + head_params
-    n_train = sum(p.numel() for p in trainable)
-    n_all = sum(p.numel() for p in model.parameters())
-    if main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        print(f"MARIS {opts.preset} S={size} on {opts.dataset} {opts.train_split}: {len(train_set)} items, "
-              f"{batches_per_epoch} steps/epoch x {opts.epochs} epochs, batch {opts.batch_size} x {world}, "
-              f"{n_train:,} trainable of {n_all:,} parameters, {device}, out {out_dir}")
-        print(f"encoders: SAM {opts.sam_checkpoint or 'RANDOM (no --sam-checkpoint)'}, "
-              f"CLIP {opts.clip_checkpoint or 'RANDOM (no --clip-checkpoint)'}"
-              + (f"; feature cache {train_cache.root} ({train_cache.bytes_per_image:,} bytes/image)"
-                 if train_cache is not None else ""))
-        extras = [f"{name} {getattr(cfg, name + '_weight')}" for name in ("mask_grounding", "alignment")
-                  if getattr(cfg, name + "_weight") > 0] + (["RISAM adapters"] if cfg.adapters else [])
-        if extras:
-            print("add-ons: " + ", ".join(extras))
-    log_path = out_dir / "metrics.jsonl"
-
-    start, cpu_start = time.time(), time.process_time()
-    # Wall seconds spent scoring the validation split (the rest of the loop's time is training).
-    timing = {"validation": 0.0, "validations": 0}
-
-    def log(record: dict) -> None:
-        if main_process:
-            with open(log_path, "a") as f:  # NaN (an empty validation split's metrics) is written as null
-                f.write(json.dumps(without_nan({**record, "seconds": round(time.time() - start, 2),
-                                                "cpu_seconds": round(time.process_time() - cpu_start, 2)})) + "\n")
-
-    def checkpoint(path: pathlib.Path) -> None:
-        """Write a checkpoint (every rank calls it: the RNG states are gathered to rank 0)."""
-        states = [None] * world
-        if world > 1:
-            dist.all_gather_object(states, rng_state(mask_words))
-        else:
-            states = [rng_state(mask_words)]
-        if not main_process:
-            return
-        atomic_save({
-            "config": config, "options": dataclasses.asdict(opts),
-            "model": model.trainable_state_dict(), "heads": heads.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "best_oIoU": best,
-            "sampler": {"seed": opts.seed, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                        "world_size": world, "batch_size": opts.batch_size},
-            "rng": states,
-        }, path)
-
-    # The checkpoint a non-finite loss falls back on: the resumed one until this run saves.
-    last_good = {"path": resume, "step": step} if ckpt is not None else {"path": None, "step": None}
-
-    def save_last() -> None:
-        checkpoint(out_dir / "last.pt")
-        last_good.update(path=out_dir / "last.pt", step=step)
-
-    def validate() -> dict | None:
-        nonlocal best
-        if val_set is None:
-            return None
-        val_start = time.time()
-        metrics = evaluate_model(model, val_set, batch_size=opts.batch_size, device=device,
-                                 precision=opts.precision, workers=opts.workers, cache=val_cache,
-                                 progress=opts.progress and main_process, desc=f"val {opts.val_split}")
-        timing["validation"] += time.time() - val_start
-        timing["validations"] += 1
-        log({"kind": "eval", "step": step, "epoch": epoch, "split": opts.val_split, **metrics})
-        improved = metrics["oIoU"] > best
-        if main_process:
-            print(f"step {step} epoch {epoch}: {opts.val_split} oIoU {100 * metrics['oIoU']:.2f}  "
-                  f"mIoU {100 * metrics['mIoU']:.2f}  Prec@0.5 {100 * metrics['Prec@0.5']:.2f}  "
-                  f"({metrics['count']} pairs)" + ("  new best" if improved else ""))
-        if improved:
-            best = metrics["oIoU"]
-            checkpoint(out_dir / "best.pt")
-        return metrics
-
-    stop = _Stop()
-    previous = {}
-    try:  # signal handlers can only be installed from the main thread
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, stop)
-    except ValueError:
-        previous = {}
-
-    def done() -> bool:
-        return opts.max_steps > 0 and step >= opts.max_steps
-
-    # Stopping is decided from values reduced over all ranks only, so every rank stops at the same step.
-    stopping = False
-    val_metrics, evaluated_at, saved_at = None, None, None
-    loader_kw = dict(num_workers=opts.workers, pin_memory=device.type == "cuda")
-    try:
-        while epoch < opts.epochs and not done() and not stopping:
-            batches = epoch_batches(len(train_set), epoch=epoch, **order)[batch_in_epoch:]
-            # The generator only seeds the workers; seeding it from (seed, epoch) keeps the global
-            # RNG untouched by loader creation, which exact resume relies on.
-            # collate_images keeps each distinct image of a batch once: the encoder runs once per image.
-            loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, collate_fn=data.collate_images,
-                                                 **loader_kw,
-                                                 generator=torch.Generator().manual_seed(opts.seed * 1000 + epoch))
-            bar = tqdm(loader, total=batches_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch + 1}/{opts.epochs}",
-                       disable=not (opts.progress and main_process), dynamic_ncols=True, leave=False)
-            ddp_model.train()
-            heads.train()
-            # Running sums of the logged values (LOSS_KEYS, then grad_norm) stay on the device and are
-            # read at log steps only, so a step makes a single host sync (the flags below).
-            window = {"sums": torch.zeros(len(LOG_KEYS), dtype=torch.float64, device=device), "n": 0, "t": time.time()}
-            epoch_start, encoded = time.time(), {"encoded": 0}
-            for batch in bar:
-                # images (B_img, 3, S, S) of the distinct images, or their cached encoder outputs
-                inputs = batch_image_inputs(batch, device=device, model=model, cache=train_cache, dataset=train_set,
-                                            batch_size=opts.batch_size, precision=opts.precision, counter=encoded)
-                masks = batch["mask"].to(device)  # (B, S, S)
-                valid = data.valid_mask(batch["input_size"], size).to(device)  # (B, S, S)
-                with autocast(device, opts.precision):
-                    # focal + dice (+ MagNet's losses when their weights are > 0); the losses run in fp32
-                    losses = maris.training_loss(ddp_model, heads, ids=batch["ids"].to(device),
-                                                 word_mask=batch["word_mask"].to(device), masks=masks, valid=valid,
-                                                 generator=mask_words, **inputs)
-                loss = losses["loss"]
-                # Every rank learns whether any rank saw a non-finite loss or a stop signal: both flags in
-                # one device tensor, one all-reduce, read after the backward pass has been queued.
-                flags = torch.stack([(~torch.isfinite(loss.detach())).double(),
-                                     torch.full((), float(stop.signal is not None), dtype=torch.float64,
-                                                device=device)])  # (2,) [non-finite, signal]
-                flags = all_reduce_sum(flags, device)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                average_gradients(head_params, world)  # DDP averaged the model's gradients already
-                # The norm of the (rank-averaged, so the same on every rank) gradient before clipping,
-                # over the model's trainable parameters and MagNet's heads.
-                if opts.grad_clip > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, opts.grad_clip)
-                else:
-                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
-                bad, sig = flags.tolist()  # the step's one host sync
-                if bad:  # before optimizer.step: the weights in memory never see the bad gradients
-                    where = (f"the last good checkpoint is {last_good['path']} (step {last_good['step']})"
-                             if last_good["path"] else "no checkpoint was written yet")
-                    raise SystemExit(f"error: non-finite loss ({loss.item()}) at step {step + 1} "
-                                     f"(epoch {epoch + 1}); stopping without saving; {where}")
-                stopping = sig > 0
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                batch_in_epoch += 1
-                window["sums"] += torch.stack([*(losses[k].detach() for k in LOSS_KEYS),
-                                               grad_norm.to(device)]).double()  # (len(LOG_KEYS),)
-                window["n"] += 1
-                if step % opts.log_every == 0 or batch_in_epoch == batches_per_epoch:
-                    # Every rank runs as many steps: the mean over ranks and steps divides by n * world.
-                    sums = (all_reduce_sum(window["sums"], device) / (window["n"] * world)).tolist()
-                    means = {k: v for k, v in zip(LOG_KEYS, sums)
-                             if k not in ("mask_grounding", "alignment") or getattr(cfg, k + "_weight") > 0}
-                    seconds = time.time() - window["t"]
-                    speed = window["n"] * opts.batch_size * world / max(seconds, 1e-9)
-                    lr = scheduler.get_last_lr()[0]
-                    log({"kind": "train", "step": step, "epoch": epoch, **means, "lr": lr, "items_per_s": speed})
-                    bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}", items_s=f"{speed:.1f}")
-                    window = {"sums": torch.zeros_like(window["sums"]), "n": 0, "t": time.time()}
-                if opts.save_every > 0 and step % opts.save_every == 0:
-                    save_last()
-                    saved_at = step
-                if stopping or done():
-                    break
-            bar.close()
-            if not stopping:
-                stopping = all_reduce_sum([float(stop.signal is not None)], device).item() > 0
-            if stopping:
-                break
-            if batch_in_epoch == batches_per_epoch:  # the epoch is complete
-                # Wall time of this process's share of the epoch (before validation), and the images the
-                # frozen encoder ran on, summed over ranks (0 once a feature cache holds every image).
-                log({"kind": "epoch", "step": step, "epoch": epoch,
-                     "epoch_seconds": round(time.time() - epoch_start, 3),
-                     "encoded_images": int(all_reduce_sum([encoded["encoded"]], device).item())})
-                epoch, batch_in_epoch = epoch + 1, 0
-                if opts.eval_every > 0 and epoch % opts.eval_every == 0:
-                    val_metrics, evaluated_at = validate(), step
-                save_last()
-                saved_at = step
-        final_validation = not stopping and evaluated_at != step
+        print_banner(run)
+        try:  # signal handlers can only be installed from the main thread
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, stop)
+        except ValueError:
+            previous = {}
+        while progress.epoch < opts.epochs and not done(run, progress) and not stopping:
+            stopping = train_epoch(run, progress, stop)
+            if not stopping and progress.batch_in_epoch == run.batches_per_epoch:  # the epoch is complete
+                progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+                if opts.eval_every > 0 and progress.epoch % opts.eval_every == 0:
+                    val_metrics = validate(run, progress)
+                save_last(run, progress)
+        final_validation = not stopping and progress.evaluated_at != progress.step
         if final_validation:
-            val_metrics, evaluated_at = validate(), step
-        if saved_at != step or final_validation:
-            save_last()  # after the final validation too, so last.pt holds the final best score
+            val_metrics = validate(run, progress)
+        if progress.saved_at != progress.step or final_validation:
+            save_last(run, progress)  # after the final validation too, so last.pt holds the final best score
         reason = (stop.signal or "a signal on another rank") if stopping else None
-        total = time.time() - start
-        seconds = {"setup": round(start - setup_start, 2), "total": round(total, 2),
-                   "train": round(total - timing["validation"], 2), "validation": round(timing["validation"], 2),
-                   "cpu": round(time.process_time() - cpu_start, 2),
-                   "setup_cpu": round(cpu_start - setup_cpu_start, 2)}
-        if main_process:
-            print(f"saved {out_dir / 'last.pt'} at step {step}" + (f" (stopped by {reason})" if reason else "")
-                  + (f"; best val oIoU {100 * best:.2f}" if best >= 0 else ""))
-            # Training = the steps and checkpoints; process CPU time counts every thread of this process.
-            passes = timing["validations"]
-            scored = (f" + validation {seconds['validation']:.1f} s ({passes} pass{'es' * (passes != 1)} over "
-                      f"{len(val_set)} pairs) = {seconds['total']:.1f} s" if passes else "")
-            print(f"time: training {seconds['train']:.1f} s{scored} wall, after {seconds['setup']:.1f} s of setup "
-                  f"(data, model); process CPU {seconds['cpu']:.1f} s (+ {seconds['setup_cpu']:.1f} s setup), "
-                  f"{torch.get_num_threads()} torch threads")
+        if run.main_process:
+            print(f"saved {run.out_dir / 'last.pt'} at step {progress.step}"
+                  + (f" (stopped by {reason})" if reason else "")
+                  + (f"; best val {val_metric(opts)} {100 * progress.best:.2f}" if progress.best >= 0 else ""))
+        seconds = session_seconds(run, clock)
+        if run.main_process:
+            print(time_line(run, seconds))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return {"step": step, "epoch": epoch, "best_oIoU": best, "val": val_metrics, "out_dir": str(out_dir),
-            "stopped_by": reason, "seconds": seconds}
+        if lock is not None:
+            lock.release()
+    name = val_metric(opts)
+    return {"step": progress.step, "epoch": progress.epoch, "best_metric": name, "best": progress.best,
+            "best_oIoU": progress.best if name == "oIoU" else None, "val": val_metrics,
+            "out_dir": str(run.out_dir), "stopped_by": reason, "seconds": seconds}
 
 
-class _Head(torch.utils.data.Dataset):
-    """The first `n` items of a dataset, keeping `original_mask` / `load_image` (for --val-limit)."""
-
-    def __init__(self, dataset, n: int):
-        self.dataset, self.n = dataset, min(n, len(dataset))
-        self.image_ids = dataset.image_ids[:self.n]
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, index: int) -> dict:
-        return self.dataset[index]
-
-    def original_mask(self, index: int):
-        return self.dataset.original_mask(index)
-
-    def load_image(self, image_id: int):
-        return self.dataset.load_image(image_id)
+def session_seconds(run: Run, clock: dict) -> dict:
+    """This session's times: wall seconds of `setup` (data, model, caches; before the loop), of the loop
+    (`total`) split into `train` (steps and checkpoints) and `validation`; process CPU seconds of the loop
+    (`cpu`, every thread of this process) and of the setup (`setup_cpu`)."""
+    total = time.time() - clock["start"]
+    return {"setup": round(clock["setup"], 2), "total": round(total, 2),
+            "train": round(total - run.validation_seconds, 2), "validation": round(run.validation_seconds, 2),
+            "cpu": round(time.process_time() - clock["cpu_start"], 2), "setup_cpu": round(clock["setup_cpu"], 2)}
 
 
+def time_line(run: Run, seconds: dict) -> str:
+    """The run's closing `time:` line (README, "What the first command does")."""
+    passes = run.validations
+    scored = (f" + validation {seconds['validation']:.1f} s ({passes} pass{'es' * (passes != 1)} over "
+              f"{len(run.val_set)} pairs) = {seconds['total']:.1f} s" if passes else "")
+    return (f"time: training {seconds['train']:.1f} s{scored} wall, after {seconds['setup']:.1f} s of setup "
+            f"(data, model); process CPU {seconds['cpu']:.1f} s (+ {seconds['setup_cpu']:.1f} s setup), "
+            f"{torch.get_num_threads()} torch thread{'s' * (torch.get_num_threads() != 1)}")
+
+
+@maris.one_line_errors
 def main(argv: list[str] | None = None) -> dict:
-    """Entry point: `python train.py [options]` (see --help)."""
-    opts, explicit = parse_options(argv)
+    """Entry point: `python train.py [options]` (see --help); bad files and values exit with one line
+    (`maris.one_line_errors`)."""
+    opts, explicit = maris.parse_options(TrainOptions, argv, DESCRIPTION)
     try:
         return train(opts, explicit)
     finally:

@@ -10,7 +10,7 @@ dice loss, backward, AdamW step) over the same sentences.
     python bench/encoder_passes.py --refcoco-mini ../shared/refcoco-mini
     python bench/encoder_passes.py --device cuda --image-size 1024     # on a GPU (bf16 autocast)
 
-Target (issue 6): >= 3x less wall time at 7 sentences per image with vit_b at S = 512 on CPU.
+Target (README, "Performance"): >= 3x less wall time at 7 sentences per image with vit_b at S = 512 on CPU.
 Weights are random (the time of a step does not depend on them). One summary line per figure.
 """
 from __future__ import annotations

@@ -9,7 +9,7 @@ peak resident memory (CPU) of one does not hide the other's.
     python bench/overhead.py --preset tiny --repeats 20
     python bench/overhead.py --device cuda         # on a GPU: peak = torch.cuda.max_memory_allocated
 
-Target (issue 6): the new modules add <= 10 % to SAM's encoder time on CPU. Weights are random
+Target (README, "Performance"): the new modules add <= 10 % to SAM's encoder time on CPU. Weights are random
 (timing does not depend on their values). Prints one summary line per figure.
 """
 from __future__ import annotations

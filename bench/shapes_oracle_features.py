@@ -38,7 +38,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import data  # noqa: E402
-import evaluate  # noqa: E402
 import maris  # noqa: E402
 import train  # noqa: E402
 
@@ -88,7 +87,7 @@ def fill_cache(model: maris.MARIS, dataset: data.ShapesDataset, root: pathlib.Pa
     # Unit-variance rows: the projected features have roughly the scale of SAM's LayerNorm'd ones.
     proj_taps = torch.randn(K, cfg.sam_embed_dim, generator=g) * 2 / math.sqrt(K)
     proj_neck = torch.randn(K, cfg.embed_dim, generator=g) * 2 / math.sqrt(K)
-    cache = evaluate.open_feature_cache(model, dataset, root, device=torch.device("cpu"), precision="fp32")
+    cache = data.open_feature_cache(model, dataset, root, precision="fp32")
     for image_id, scene in enumerate(dataset.scenes):
         cache.store([image_id], oracle_features(scene, size=cfg.image_size, patch_size=cfg.patch_size,
                                                 proj_taps=proj_taps, proj_neck=proj_neck, drop=drop,
@@ -107,11 +106,11 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: --drop {args.drop!r}: unknown part(s) {unknown}; expected some of {list(PARTS)}")
     if any(a.startswith(("--feature-cache", "--adapters", "--device")) for a in train_argv):
         raise SystemExit("error: --feature-cache, --adapters and --device are set by this script (CPU, its cache)")
-    opts = train.resolve_options(train.parse_options(train_argv)[0])
+    opts = train.resolve_options(maris.parse_options(train.TrainOptions, train_argv, train.DESCRIPTION)[0])
     if opts.dataset != "shapes":
         raise SystemExit("error: the surrogate features need the shapes scenes: --dataset shapes only")
     config = train.model_config(opts)
-    model = evaluate.build_model(config)  # the run's own seeded build: same encoder hash, same cache folder
+    model = maris.build_model(config)  # the run's own seeded build: same encoder hash, same cache folder
     with tempfile.TemporaryDirectory() as tmp:
         root = pathlib.Path(args.cache_dir or tmp)
         kw = dict(image_size=config["image_size"], context_length=config["context_length"], load_images=False)

@@ -4,7 +4,7 @@ import pathlib
 
 import pytest
 import torch
-from hypothesis import settings
+from hypothesis import Phase, settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -15,6 +15,9 @@ torch.set_num_threads(1)
 
 # Small example counts and no deadline: the suite runs on 2 shared CPU cores.
 settings.register_profile("ci", max_examples=15, deadline=None, derandomize=True)
+# bench/mutants.py: a failing example is enough, shrinking it would only cost time.
+settings.register_profile("mutants", parent=settings.get_profile("ci"),
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
