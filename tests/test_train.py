@@ -122,6 +122,13 @@ def test_auto_options_depend_on_dataset():
     assert ref.lr == 1e-4 and ref.batch_size == 8 and ref.epochs == 50
     assert ref.split_by == "umd" and ref.context_length == 30 and shapes.context_length == 20
     assert train.resolve_options(train.TrainOptions(lr=3e-4)).lr == 3e-4
+    # the shapes demo: 1,800 generated scenes, 4 sentences of a picture per batch (measured, README "What the
+    # first command does"); shapes-gres keeps its 1,000 scenes and i.i.d. batches, RefCOCO its i.i.d. batches
+    gres = train.resolve_options(train.TrainOptions(dataset="shapes-gres"))
+    assert (shapes.train_scenes, shapes.sentences_per_image, shapes.epochs) == (1800, 4, 4)
+    assert (gres.train_scenes, gres.sentences_per_image, gres.epochs) == (1000, 1, 4)
+    assert (ref.train_scenes, ref.sentences_per_image) == (None, 1)
+    assert train.resolve_options(train.TrainOptions(sentences_per_image=1)).sentences_per_image == 1
 
 
 # --- schedule and data order ---
