@@ -96,9 +96,10 @@ def log_records(out, kind):
 
 
 def shapes_args(out, *extra):
-    """A short shapes run: 16 training items (of 8 generated scenes), batch 4 (4 steps per epoch), no validation."""
+    """A short shapes run: 16 training items (of 8 generated scenes), batch 4 (4 steps per epoch), no validation,
+    i.i.d. batches (`epoch_batches` without image grouping, whatever the demo's --sentences-per-image is)."""
     return ["--out-dir", str(out), "--batch-size", "4", "--train-scenes", "8", "--train-limit", "16", "--val-split", "",
-            "--lr", "1e-3", "--warmup-steps", "1", *TINY, *extra]
+            "--lr", "1e-3", "--warmup-steps", "1", "--sentences-per-image", "1", *TINY, *extra]
 
 
 # --- options ---
