@@ -1050,7 +1050,8 @@ def evaluate_model(model: torch.nn.Module, dataset, *, batch_size: int = 8, devi
     metrics = scoring.new_metrics()
     was_training = model.training
     model.eval()
-    selection = OverlaySelection(vis_select, vis, min(limit, len(dataset)) or len(dataset), seed=vis_seed) if vis > 0 else None
+    scored = min(limit, len(dataset)) or len(dataset)  # items 0 .. scored - 1
+    selection = OverlaySelection(vis_select, vis, scored, seed=vis_seed) if vis > 0 else None
     vis_dir = pathlib.Path(vis_dir or "vis")
     if selection is not None and rank == 0 and vis_dir.is_dir():
         remove_old_overlays(vis_dir, vis_select)  # before every rank's all_reduce below, so before any rank draws

@@ -682,6 +682,15 @@ def _vis_names(tmp_path, select, n=3, seed=0):
     return sorted(p.name for p in tmp_path.glob("*.png"))
 
 
+def test_vis_with_limit_draws_from_the_scored_pairs(tmp_path):
+    """With limit=k, --vis random draws its n pictures among the k scored pairs (ids 0 .. k-1), not the split."""
+    ds = _KnownIoUDataset()
+    evaluate.evaluate_model(_OracleModel(ds.size), ds, batch_size=4, progress=False, vis=3, vis_dir=tmp_path,
+                            vis_select="random", limit=4)
+    names = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert len(names) == 3 and all(int(name.split("_img")[1].split("_")[0]) < 4 for name in names), names
+
+
 def test_vis_select_worst_draws_the_lowest_ious_in_order(tmp_path, capsys):
     """worst draws the n lowest-IoU pairs, numbered from the worst, named by IoU, image and sentence, and says where."""
     names = _vis_names(tmp_path, "worst")
