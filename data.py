@@ -1271,7 +1271,7 @@ class ShapesDataset(Dataset):
         load_images: False skips rendering the picture (item "image" is an empty tensor).
         load_masks: False skips the ground truth (item "mask" is an empty tensor).
     Raises:
-        ValueError: unknown split.
+        ValueError: unknown split, or num_images < 1.
     """
 
     def __init__(self, split="train", num_images=None, image_size=128,
@@ -1284,6 +1284,8 @@ class ShapesDataset(Dataset):
         self.load_masks = load_masks
         self.context_length = context_length
         n = SHAPES_NUM_IMAGES[split] if num_images is None else num_images
+        if n < 1:
+            raise ValueError(f"shapes {split} split: num_images must be >= 1, got {n}")
         self.scenes = [make_scene(np.random.default_rng([seed, SHAPES_SPLITS[split], i])) for i in range(n)]
         # (image id, object index, expression) per item, scene by scene
         self.items = [(i, obj, expr) for i, s in enumerate(self.scenes) for obj, expr in s.items]
@@ -1817,7 +1819,7 @@ def batch_image_inputs(batch: dict, *, device: torch.device, model=None, cache: 
 
 
 def build_dataset(name, split, *, root=None, split_by=None, image_size, context_length=None,
-                  image_dir=None, load_images=True, load_masks=True) -> Dataset:
+                  image_dir=None, load_images=True, load_masks=True, num_images=None) -> Dataset:
     """One entry point for every dataset.
 
     Args:
@@ -1830,17 +1832,22 @@ def build_dataset(name, split, *, root=None, split_by=None, image_size, context_
         load_images: False skips pixels (item "image" is an empty tensor).
         load_masks: False skips the padded ground truth (item "mask" is an empty tensor; evaluation
             reads `original_mask` instead).
+        num_images: shapes only: scenes in the split (None: `SHAPES_NUM_IMAGES`).
     Returns:
         a Dataset of item dicts.
     Raises:
-        ValueError: unknown name or split_by, or a file-based name without a root.
+        ValueError: unknown name or split_by, a file-based name without a root, or num_images for a
+            file-based name.
     """
     if name in ("shapes", "shapes-gres"):
         cls = ShapesDataset if name == "shapes" else ShapesGresDataset
         return cls(split=split, image_size=image_size, context_length=context_length or DEFAULT_CONTEXT_LENGTH[name],
-                   load_images=load_images, load_masks=load_masks)
+                   load_images=load_images, load_masks=load_masks, num_images=num_images)
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected 'shapes', 'shapes-gres' or one of {sorted(DATASETS)}")
+    if num_images is not None:
+        raise ValueError(f"num_images={num_images} is for the generated shapes datasets; {name!r} reads its "
+                         f"images from its annotation files")
     if root is None:
         where = {"grefcoco": _GREFCOCO_WHERE, "phrasecut": _PHRASECUT_WHERE}.get(name, _WHERE_FROM)
         raise ValueError(f"dataset {name!r} needs root=<data root>. {where}")

@@ -1003,9 +1003,9 @@ def evaluate_model(model: torch.nn.Module, dataset, *, batch_size: int = 8, devi
                    workers: int = 0, vis: int = 0, vis_dir: str | os.PathLike | None = None,
                    vis_select: str = "random", vis_seed: int = 0,
                    progress: bool = True, desc: str = "eval", cache: data.FeatureCache | None = None,
-                   scoring: Scoring | None = None) -> dict:
-    """Score every item (every sentence of every ref) of a dataset -> the `compute()` of its metric set
-    (`RISMetrics` by default; `scoring` picks `GRESMetrics` or `PhraseCutMetrics`).
+                   scoring: Scoring | None = None, limit: int = 0) -> dict:
+    """Score every item (every sentence of every ref) of a dataset, or its first `limit` items -> the
+    `compute()` of its metric set (`RISMetrics` by default; `scoring` picks `GRESMetrics` or `PhraseCutMetrics`).
 
     Whole images are packed into batches (`eval_batches`), each distinct image of a batch encoded once
     (`data.collate_images`). The ground truth comes from `dataset.original_mask(index)`, never from the
@@ -1026,6 +1026,7 @@ def evaluate_model(model: torch.nn.Module, dataset, *, batch_size: int = 8, devi
         scoring: the metric set and no-target decision (`Scoring`, `scoring_for`); None = oIoU, mIoU,
             Prec@X. "gres" reads the items' `no_target`; its "head" rule runs `model.forward_features`
             for the no-target logit.
+        limit: score items 0 .. limit - 1 only (0 = every item).
 
     Raises:
         ValueError: "phrasecut" with an eval_size (PhraseCut is scored at the original image size); the
@@ -1040,7 +1041,8 @@ def evaluate_model(model: torch.nn.Module, dataset, *, batch_size: int = 8, devi
     device = torch.device(device)
     precision = maris.effective_precision(device, precision)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-    batches = eval_batches(dataset.image_ids, batch_size, rank=rank, world=world)
+    image_ids = list(dataset.image_ids)[:limit] if limit > 0 else dataset.image_ids
+    batches = eval_batches(image_ids, batch_size, rank=rank, world=world)
     # A fixed generator: creating the loader must not draw from the global RNG (exact resume in train.py).
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                                          collate_fn=data.collate_images, generator=torch.Generator().manual_seed(0))
@@ -1048,7 +1050,8 @@ def evaluate_model(model: torch.nn.Module, dataset, *, batch_size: int = 8, devi
     metrics = scoring.new_metrics()
     was_training = model.training
     model.eval()
-    selection = OverlaySelection(vis_select, vis, len(dataset), seed=vis_seed) if vis > 0 else None
+    scored = min(limit, len(dataset)) or len(dataset)  # items 0 .. scored - 1
+    selection = OverlaySelection(vis_select, vis, scored, seed=vis_seed) if vis > 0 else None
     vis_dir = pathlib.Path(vis_dir or "vis")
     if selection is not None and rank == 0 and vis_dir.is_dir():
         remove_old_overlays(vis_dir, vis_select)  # before every rank's all_reduce below, so before any rank draws
@@ -1213,6 +1216,7 @@ class EvalOptions:
                                              "a fair picture of the model), first (the first N pairs, often one "
                                              "image), worst (lowest IoU)", choices=VIS_SELECT)
     vis_seed: int = maris.option(0, "seed of --vis-select random", check=maris.at_least(0))
+    limit: int = maris.option(0, "score only the first N pairs of each split (0 = every pair)", check=maris.at_least(0))
     out_dir: str | None = maris.option(None, "where the JSON and overlays go", auto="the checkpoint's folder")
     progress: bool = maris.option(True, "show progress bars")
     feature_cache: str | None = maris.option(
@@ -1455,6 +1459,8 @@ def score_splits(opts: EvalOptions, ckpt: dict, model: maris.MARIS, *, rank: int
     own_dataset = dataset_name == stored.get("dataset", "shapes")
     image_dir = opts.image_dir or (stored.get("image_dir") if own_dataset else None)
     out_dir = pathlib.Path(opts.out_dir or pathlib.Path(opts.ckpt).parent)  # printed as the user wrote it
+    if opts.limit:
+        proto["pairs"] = f"the first {opts.limit} sentences of each split (--limit)"
     results: dict[str, dict] = {}
     start = time.time()
     # The encoder weights' hash (a full read of them) was taken once, for the encoder check.
@@ -1462,10 +1468,13 @@ def score_splits(opts: EvalOptions, ckpt: dict, model: maris.MARIS, *, rank: int
     for split in splits:
         try:
             # With a feature cache the pixels are only read to fill missing cache entries.
+            # The shapes split a run trained on has the scenes it trained on (train.py --train-scenes).
+            scenes = (stored.get("train_scenes") if own_dataset and dataset_name == "shapes"
+                      and split == stored.get("train_split") else None)
             ds = data.build_dataset(dataset_name, split, root=opts.data_root or stored.get("data_root"),
                                     split_by=split_by, image_size=cfg.image_size, context_length=cfg.context_length,
                                     image_dir=image_dir, load_images=opts.feature_cache is None,
-                                    load_masks=False)  # scored against original_mask(index)
+                                    load_masks=False, num_images=scenes)  # scored against original_mask(index)
         except (FileNotFoundError, ValueError, KeyError) as e:
             raise SystemExit(f"error: {e}") from None
         cache = None if opts.feature_cache is None else open_cache(model, ds, opts, device, encoder_sha256)
@@ -1474,7 +1483,7 @@ def score_splits(opts: EvalOptions, ckpt: dict, model: maris.MARIS, *, rank: int
             threshold=opts.threshold, precision=opts.precision, workers=opts.workers,
             vis=opts.vis, vis_dir=out_dir / "vis" / split, vis_select=opts.vis_select, vis_seed=opts.vis_seed,
             progress=opts.progress and rank == 0, desc=split,
-            cache=cache, scoring=scoring)
+            cache=cache, scoring=scoring, limit=opts.limit)
     results = without_nan(results)  # a split with no pairs has no score: None, not NaN
     if rank == 0:  # every rank holds the all-reduced results; one writes them
         write_report(opts, ckpt, results, proto, dataset_name, split_by, out_dir, time.time() - start, encoders)

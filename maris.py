@@ -125,6 +125,11 @@ class MarisConfig:
     sam_num_heads: int = 12
     sam_global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
     sam_window_size: int = 14
+    # NOTE(paper): SAM's constructor starts the encoder's absolute position embedding at zero and
+    # the released weights fill it in, so an encoder left random has no absolute position in its
+    # features (nothing tells two identical objects apart but the attention's P_v). "sincos"
+    # starts it from a fixed 2-D sine-cosine table instead; a SAM checkpoint overwrites either.
+    sam_pos_embed_init: str = "zeros"
     # "stock" = segment-anything's attention code; "sdpa" = `SDPASamAttention`, the same outputs
     # (within float rounding) through F.scaled_dot_product_attention, for fused GPU kernels.
     sam_attention: str = "stock"
@@ -308,6 +313,31 @@ def build_sam_image_encoder(*, image_size: int, patch_size: int, embed_dim: int,
         num_heads=num_heads, mlp_ratio=4, out_chans=out_chans, qkv_bias=True,
         norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True,
         global_attn_indexes=tuple(global_attn_indexes), window_size=window_size)
+
+
+def sincos_position_table(height: int, width: int, dim: int) -> Tensor:
+    """A fixed 2-D sine-cosine position table (the sinusoids of Vaswani et al. 2017, per axis).
+
+    The first half of the channels encodes the row, the second half the column, each as
+    [sin(p * w_k), cos(p * w_k)] for dim / 4 frequencies w_k = 10000^(-k / (dim / 4)).
+
+    Returns:
+        (height, width, dim) float32 table with values in [-1, 1].
+
+    Raises:
+        ValueError: dim is not a multiple of 4.
+    """
+    if dim % 4:
+        raise ValueError(f"sincos_position_table: dim {dim} is not a multiple of 4")
+    freqs = 10000.0 ** (-torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
+
+    def axis(n: int) -> Tensor:
+        angles = torch.arange(n, dtype=torch.float64)[:, None] * freqs  # (n, dim/4)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)  # (n, dim/2)
+
+    rows = axis(height)[:, None].expand(height, width, dim // 2)  # (H, W, dim/2)
+    cols = axis(width)[None].expand(height, width, dim // 2)  # (H, W, dim/2)
+    return torch.cat([rows, cols], dim=-1).float()  # (H, W, dim)
 
 
 def sam_encoder_taps(encoder: nn.Module, images: Tensor, taps: tuple[int, ...]
@@ -935,6 +965,12 @@ class MARIS(nn.Module):
             depth=cfg.sam_depth, num_heads=cfg.sam_num_heads,
             global_attn_indexes=cfg.sam_global_attn_indexes, window_size=cfg.sam_window_size,
             out_chans=C)
+        if cfg.sam_pos_embed_init not in ("zeros", "sincos"):
+            raise ValueError(f"sam_pos_embed_init must be 'zeros' or 'sincos', got {cfg.sam_pos_embed_init!r}")
+        if cfg.sam_pos_embed_init == "sincos":  # (1, H, W, D), deterministic: draws nothing from the RNG
+            H = cfg.image_size // cfg.patch_size
+            with torch.no_grad():
+                self.image_encoder.pos_embed.copy_(sincos_position_table(H, H, cfg.sam_embed_dim)[None])
         set_sam_attention(self.image_encoder, cfg.sam_attention)  # "stock" leaves SAM's code as is
         self.text_encoder = CLIPTextEncoder(
             vocab_size=cfg.vocab_size, context_length=cfg.text_context_length,

@@ -108,12 +108,13 @@ def budget_args(args: argparse.Namespace) -> tuple[list[str], dict]:
     if args.steps == 0:
         # The demo's own schedule: its epochs, as many steps as they hold.
         return extra, dict(steps=None, epochs=opts.epochs, batch_size=opts.batch_size)
+    # The demo's training split (its --train-scenes) and batching (its --sentences-per-image), as train.py builds them.
+    image_ids = list(data.build_dataset("shapes", "train", image_size=maris.make_config(opts.preset).image_size,
+                                        load_images=False, load_masks=False, num_images=opts.train_scenes).image_ids)
     if opts.train_limit:
-        items = opts.train_limit
-    else:
-        items = len(data.build_dataset("shapes", "train", image_size=maris.make_config(opts.preset).image_size,
-                                       load_images=False, load_masks=False))
-    per_epoch = len(train.epoch_batches(items, batch_size=opts.batch_size, seed=0, epoch=0, rank=0, world=1))
+        image_ids = image_ids[:opts.train_limit]
+    per_epoch = len(train.epoch_batches(len(image_ids), batch_size=opts.batch_size, seed=0, epoch=0, rank=0, world=1,
+                                        image_ids=image_ids, sentences_per_image=opts.sentences_per_image))
     epochs = math.ceil(args.steps / per_epoch)
     if args.steps % per_epoch:
         print(f"note: {args.steps} steps are not a whole number of epochs ({per_epoch} steps each): the "

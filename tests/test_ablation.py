@@ -95,6 +95,19 @@ def test_step_budget_spans_the_whole_epochs_that_hold_it(capsys):
     assert "--max-steps" not in flags and budget["epochs"] == train.resolve_options(train.TrainOptions()).epochs
 
 
+def test_step_budget_counts_the_runs_own_steps_per_epoch(monkeypatch):
+    """The budget's steps per epoch are those of the run train.py builds from the same flags, whose training
+    split has --train-scenes scenes (not the generator's default count)."""
+    monkeypatch.setitem(ablation.QUICK, "extra", ["--image-size", "32", "--train-scenes", "12", "--batch-size", "4"])
+    _, budget = ablation.budget_args(ablation.parse_args(["--quick", "--steps", "3"]))
+    opts = train.resolve_options(maris.parse_options(train.TrainOptions, ablation.QUICK["extra"], "")[0])
+    train_set, _ = train.build_data(opts, train.model_config(opts))
+    assert len(train_set.scenes) == 12
+    batches = train.epoch_batches(len(train_set), batch_size=4, seed=opts.seed, epoch=0, rank=0, world=1,
+                                  image_ids=list(train_set.image_ids), sentences_per_image=opts.sentences_per_image)
+    assert budget["steps_per_epoch"] == len(batches)
+
+
 def test_summary_is_mean_and_sample_std_over_seeds_in_percent():
     """A variant's row holds the mean and the sample standard deviation (n - 1) over its seeds, in percent."""
     runs = [{"oIoU": v, "mIoU": v / 2, "Prec@0.5": 0.5, "seconds": 10.0, "cpu_seconds": 20.0, "trainable": 7,

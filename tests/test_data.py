@@ -721,6 +721,23 @@ def test_shapes_unknown_split():
         data.ShapesDataset("dev")
 
 
+def test_shapes_more_scenes_extend_the_split():
+    """A larger num_images keeps the smaller split's scenes and items as its prefix (scene i is seeded by i)."""
+    small = data.ShapesDataset("train", num_images=12, load_images=False)
+    large = data.build_dataset("shapes", "train", image_size=128, num_images=20, load_images=False)
+    assert len(large.scenes) == 20 and len(large) > len(small)
+    assert large.items[:len(small)] == small.items
+    assert all(a.objects == b.objects for a, b in zip(small.scenes, large.scenes))
+
+
+def test_shapes_num_images_errors():
+    """num_images < 1 and num_images for a RefCOCO-family dataset are refused, naming the value."""
+    with pytest.raises(ValueError, match="got 0"):
+        data.ShapesDataset("train", num_images=0)
+    with pytest.raises(ValueError, match="num_images=5 is for the generated shapes"):
+        data.build_dataset("refcoco", "train", image_size=64, num_images=5)
+
+
 # ============================================================================================
 # Image-grouped batching
 # ============================================================================================

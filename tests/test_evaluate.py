@@ -307,6 +307,15 @@ class _CountingModel(_OracleModel):
         return super().forward(images, ids, word_mask, image_index=image_index)
 
 
+def test_evaluate_model_limit_scores_the_first_items():
+    """limit=k scores items 0..k-1 only: k pairs, and no picture of a later item is encoded."""
+    ds = _SharedImages([1, 1, 3])  # item order: pictures 0, 1, 2, 2, 2
+    model = _CountingModel(ds.size)
+    out = evaluate.evaluate_model(model, ds, batch_size=8, progress=False, limit=2)
+    assert out["count"] == 2 and sorted(model.rows) == [0, 1]
+    assert evaluate.evaluate_model(_CountingModel(ds.size), ds, progress=False, limit=0)["count"] == 5
+
+
 @pytest.mark.parametrize("sentences", [[7, 7, 7], [7, 3, 5, 1, 8, 2], [10, 3, 17]])
 def test_evaluate_model_encodes_each_image_once_per_split(sentences):
     """Whole images are packed into batches: with batch 8, an image of n sentences is encoded
@@ -340,7 +349,7 @@ def tiny_checkpoint(tmp_path_factory):
     import train
     out = tmp_path_factory.mktemp("ckpt")
     train.main(["--max-steps", "1", "--image-size", "64", "--batch-size", "2", "--val-split", "",
-                "--no-progress", "--out-dir", str(out)])
+                "--train-scenes", "4", "--no-progress", "--out-dir", str(out)])
     return out / "last.pt"
 
 
@@ -398,6 +407,20 @@ def test_split_without_pairs_is_null_in_json_and_dash_in_table(tiny_checkpoint, 
     assert results["val"]["mIoU"] is None and results["val"]["Prec@0.9"] is None
     row = next(line for line in printed.splitlines() if line.startswith("val "))
     assert row.split() == ["val", *["-"] * (2 + len(evaluate.PREC_THRESHOLDS)), "0"]
+
+
+def test_train_split_is_the_runs_training_scenes(tiny_checkpoint, tmp_path, capsys):
+    """--split train scores the shapes scenes the run trained on (its --train-scenes), and --limit N the first N
+    pairs; the protocol says so."""
+    import data
+    results = evaluate.main(["--ckpt", str(tiny_checkpoint), "--split", "train", "--out-dir", str(tmp_path),
+                             "--no-progress"])
+    assert results["train"]["count"] == len(data.ShapesDataset("train", num_images=4, load_images=False))
+    results = evaluate.main(["--ckpt", str(tiny_checkpoint), "--split", "train", "--split", "val", "--limit", "3",
+                             "--out-dir", str(tmp_path), "--no-progress"])
+    assert results["train"]["count"] == results["val"]["count"] == 3
+    report = json.loads((tmp_path / "eval_shapes.json").read_text())
+    assert report["protocol"]["pairs"] == "the first 3 sentences of each split (--limit)"
 
 
 def test_single_image_mode_writes_overlay_and_mask(tiny_checkpoint, tmp_path):
@@ -658,6 +681,15 @@ def _vis_names(tmp_path, select, n=3, seed=0):
                             vis_seed=seed)
     assert model.calls == len(evaluate.eval_batches(ds.image_ids, 4))  # one pass over the split, also for worst
     return sorted(p.name for p in tmp_path.glob("*.png"))
+
+
+def test_vis_with_limit_draws_from_the_scored_pairs(tmp_path):
+    """With limit=k, --vis random draws its n pictures among the k scored pairs (ids 0 .. k-1), not the split."""
+    ds = _KnownIoUDataset()
+    evaluate.evaluate_model(_OracleModel(ds.size), ds, batch_size=4, progress=False, vis=3, vis_dir=tmp_path,
+                            vis_select="random", limit=4)
+    names = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert len(names) == 3 and all(int(name.split("_img")[1].split("_")[0]) < 4 for name in names), names
 
 
 def test_vis_select_worst_draws_the_lowest_ious_in_order(tmp_path, capsys):
@@ -1233,7 +1265,7 @@ def test_cli_scores_a_checkpoint_on_phrasecut_across_datasets(context12_checkpoi
                                         ("--vis", "-2"), ("--text", ""), ("--text", "   "), ("--out", "overlay"),
                                         ("--out", "overlay.txt"), ("--mask-out", "mask.npy"),
                                         ("--device", "gpu"), ("--device", "cuda"), ("--nt-threshold", "1.5"),
-                                        ("--nt-threshold", "0"), ("--nt-min-pixels", "0")])
+                                        ("--nt-threshold", "0"), ("--nt-min-pixels", "0"), ("--limit", "-1")])
 def test_bad_option_values_fail_at_parse_time_in_one_line(flag, value, tmp_path, capsys):
     """An unusable option value exits (code 2) with one line `error: <flag> <value>: expected ...` before the
     checkpoint is even read."""

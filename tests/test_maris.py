@@ -1277,6 +1277,40 @@ def test_build_heads_is_seeded_by_the_config_not_the_global_rng():
     torch.testing.assert_close(torch.rand(1), after, rtol=0, atol=0)
 
 
+def test_sincos_position_table_values():
+    """The table holds sin/cos of row * w_k in its first half and of column * w_k in its second (hand-computed)."""
+    t = maris.sincos_position_table(2, 3, 8)  # dim / 4 = 2 frequencies: 1 and 10000 ** -0.5
+    w = torch.tensor([1.0, 0.01])
+    torch.testing.assert_close(t[1, 2], torch.cat([(1 * w).sin(), (1 * w).cos(), (2 * w).sin(), (2 * w).cos()]))
+    torch.testing.assert_close(t[0, 0], torch.tensor([0.0, 0, 1, 1, 0, 0, 1, 1]))
+    with pytest.raises(ValueError, match="dim 6"):
+        maris.sincos_position_table(2, 2, 6)
+
+
+def test_sincos_pos_embed_changes_only_the_position_embedding():
+    """sam_pos_embed_init="sincos" fills the encoder's absolute position embedding with the table and leaves
+    every other weight of the seeded build as it is (the default "zeros" keeps SAM's zero start)."""
+    zeros, sincos = fresh_tiny(64), fresh_tiny(64, sam_pos_embed_init="sincos")
+    a, b = zeros.state_dict(), sincos.state_dict()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == ["image_encoder.pos_embed"]
+    assert not a["image_encoder.pos_embed"].any()
+    torch.testing.assert_close(b["image_encoder.pos_embed"][0], maris.sincos_position_table(4, 4, 128))
+    with pytest.raises(ValueError, match="sam_pos_embed_init must be"):
+        fresh_tiny(64, sam_pos_embed_init="learned")
+
+
+def test_random_encoder_features_carry_position_only_with_sincos():
+    """On a uniform image a random encoder with SAM's zero position embedding gives every patch the same tap
+    features (nothing tells positions apart); with the sine-cosine table the patches differ."""
+    image = torch.full((1, 3, 64, 64), 0.3)
+    for init, differ in (("zeros", False), ("sincos", True)):
+        with torch.no_grad():
+            taps = fresh_tiny(64, sam_pos_embed_init=init).encode_image(image)["taps"]
+        for tap in taps:  # (1, H, W, D)
+            spread = (tap - tap[:, :1, :1]).abs().max().item()
+            assert (spread > 1e-2) == differ, (init, spread)
+
+
 def test_visual_pe_is_fp32_exact_under_bf16_autocast():
     """SAM's positional encoding P_v is the same under bf16 autocast as in fp32 (sin/cos of a bf16 matmul is not)."""
     model = maris.MARIS(maris.make_config("tiny"))

@@ -8,6 +8,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -96,9 +97,10 @@ def log_records(out, kind):
 
 
 def shapes_args(out, *extra):
-    """A short shapes run: 16 training items, batch 4 (4 steps per epoch), no validation."""
-    return ["--out-dir", str(out), "--batch-size", "4", "--train-limit", "16", "--val-split", "", "--lr", "1e-3",
-            "--warmup-steps", "1", *TINY, *extra]
+    """A short shapes run: 16 training items (of 8 generated scenes), batch 4 (4 steps per epoch), no validation,
+    i.i.d. batches (`epoch_batches` without image grouping, whatever the demo's --sentences-per-image is)."""
+    return ["--out-dir", str(out), "--batch-size", "4", "--train-scenes", "8", "--train-limit", "16", "--val-split", "",
+            "--lr", "1e-3", "--warmup-steps", "1", "--sentences-per-image", "1", *TINY, *extra]
 
 
 # --- options ---
@@ -122,6 +124,13 @@ def test_auto_options_depend_on_dataset():
     assert ref.lr == 1e-4 and ref.batch_size == 8 and ref.epochs == 50
     assert ref.split_by == "umd" and ref.context_length == 30 and shapes.context_length == 20
     assert train.resolve_options(train.TrainOptions(lr=3e-4)).lr == 3e-4
+    # the shapes demo: 1,800 generated scenes, 4 sentences of a picture per batch (measured, README "What the
+    # first command does"); shapes-gres keeps its 1,000 scenes and i.i.d. batches, RefCOCO its i.i.d. batches
+    gres = train.resolve_options(train.TrainOptions(dataset="shapes-gres"))
+    assert (shapes.train_scenes, shapes.sentences_per_image, shapes.epochs) == (1800, 4, 4)
+    assert (gres.train_scenes, gres.sentences_per_image, gres.epochs) == (1000, 1, 4)
+    assert (ref.train_scenes, ref.sentences_per_image) == (None, 1)
+    assert train.resolve_options(train.TrainOptions(sentences_per_image=1)).sentences_per_image == 1
 
 
 # --- schedule and data order ---
@@ -687,6 +696,44 @@ def test_end_to_end_refer_fixture(refer_root, tmp_path, capsys):
     assert [results[s]["count"] for s in ("val", "testA", "testB")] == [6, 6, 6]
 
 
+# --- the shapes demo: training scenes, timing ---
+
+def test_train_scenes_sets_the_shapes_training_split(tmp_path):
+    """--train-scenes N trains on the first N generated scenes: one epoch is len(those items) // batch steps."""
+    expected = len(data.ShapesDataset("train", num_images=3, load_images=False)) // 4
+    out = tmp_path / "run"
+    result = train.main(shapes_args(out, "--train-limit", "0", "--train-scenes", "3", "--epochs", "1",
+                                    "--max-steps", "40"))
+    assert 0 < expected < 40 and result["step"] == expected
+    assert torch.load(out / "last.pt", weights_only=True)["options"]["train_scenes"] == 3
+
+
+def test_train_scenes_is_refused_for_refcoco(tmp_path):
+    """--train-scenes with a RefCOCO-family dataset stops with a one-line error naming the option."""
+    with pytest.raises(SystemExit, match="--train-scenes is for the generated shapes datasets, not refcoco"):
+        train.main(["--dataset", "refcoco", "--data-root", str(tmp_path), "--train-scenes", "10", *TINY])
+
+
+def test_run_reports_training_and_validation_time(tmp_path, capsys, monkeypatch):
+    """The run prints and returns its wall time split into training and validation (validation slowed by 0.3 s
+    per pass here, so the split is checked), and its process CPU time."""
+    score = train.evaluate_model
+
+    def slow_score(*args, **kw):
+        time.sleep(0.3)
+        return score(*args, **kw)
+    monkeypatch.setattr(train, "evaluate_model", slow_score)
+    result = train.main(shapes_args(tmp_path / "run", "--val-split", "val", "--val-limit", "4", "--epochs", "2"))
+    seconds = result["seconds"]
+    assert seconds["validation"] >= 0.6  # two passes, one per epoch
+    assert seconds["train"] == pytest.approx(seconds["total"] - seconds["validation"], abs=0.02)
+    assert 0 < seconds["train"] < seconds["total"] - 0.6 + 0.02 and seconds["cpu"] > 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("time:")]
+    assert len(line) == 1
+    assert f"training {seconds['train']:.1f} s + validation {seconds['validation']:.1f} s (2 passes over 4 pairs)" \
+        in line[0]
+
+
 # --- GPU ---
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -1173,7 +1220,7 @@ def test_resumed_finished_run_does_not_score_its_last_step_again(refer_root, tmp
                                         ("--max-steps", "-1"), ("--workers", "-2"), ("--lr", "0"), ("--lr", "inf"),
                                         ("--mask-ratio", "0"), ("--mask-ratio", "1.5"), ("--grad-clip", "-1"),
                                         ("--log-every", "0"), ("--save-minutes", "-1"), ("--seed", "-1"),
-                                        ("--image-size", "0"), ("--sentences-per-image", "0"),
+                                        ("--image-size", "0"), ("--sentences-per-image", "0"), ("--train-scenes", "0"),
                                         ("--device", "tpu:x"), ("--device", "cuda")])
 def test_bad_option_values_fail_at_parse_time_in_one_line(flag, value, tmp_path, capsys):
     """An unusable option value exits (code 2) with `error: <flag> <value>: expected ...` and writes nothing."""
