@@ -4,6 +4,7 @@
     python bench/ablation.py --variants maris vga_only --seeds 1
     python bench/ablation.py --steps 1112                     # another budget (optimizer steps per run)
     python bench/ablation.py --quick                          # smoke test: 1 seed, 2 steps, S = 32, 8 items
+    python bench/ablation.py --train-flags "--train-scenes 1000 --sentences-per-image 1"   # other train.py flags
 
 Each run is `train.main([...])` (train.py's public entry point) with the shapes demo's default settings
 (train.py's "auto" values for shapes: the tiny preset, its learning rate, warm-up and batch size), one
@@ -41,6 +42,7 @@ import multiprocessing
 import os
 import pathlib
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -86,6 +88,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="torch CPU threads per run (default 1: steady on a shared machine)")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at a time, each in its own process (default 1; 2 uses both cores of a 2-core machine)")
+    p.add_argument("--train-flags", default="", metavar="FLAGS",
+                   help="more train.py options for every run, one quoted string (default none: the demo's "
+                        "settings), e.g. \"--train-scenes 1000 --sentences-per-image 1\"")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke test: {QUICK['seeds']} seed, {QUICK['steps']} steps, {' '.join(QUICK['extra'])}")
     args = p.parse_args(argv)
@@ -103,7 +108,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def budget_args(args: argparse.Namespace) -> tuple[list[str], dict]:
     """train.py flags shared by every run (the budget; --quick's sizes) and a description of the budget."""
-    extra = list(QUICK["extra"]) if args.quick else []
+    extra = (list(QUICK["extra"]) if args.quick else []) + shlex.split(args.train_flags)
     opts = train.resolve_options(train.maris.parse_options(train.TrainOptions, extra, train.DESCRIPTION)[0])
     if args.steps == 0:
         # The demo's own schedule: its epochs, as many steps as they hold.

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 
+import data
 import maris
 import train
 from conftest import ROOT
@@ -106,6 +107,17 @@ def test_step_budget_counts_the_runs_own_steps_per_epoch(monkeypatch):
     batches = train.epoch_batches(len(train_set), batch_size=4, seed=opts.seed, epoch=0, rank=0, world=1,
                                   image_ids=list(train_set.image_ids), sentences_per_image=opts.sentences_per_image)
     assert budget["steps_per_epoch"] == len(batches)
+
+
+def test_train_flags_reach_every_run_and_the_budget(capsys):
+    """--train-flags are train.py options for every run, and the step budget counts the epochs of the
+    training split they make (here 1 scene, fewer sentences than --quick's 8 items)."""
+    args = ablation.parse_args(["--quick", "--train-flags", "--train-scenes 1 --sentences-per-image 1"])
+    flags, budget = ablation.budget_args(args)
+    assert flags[:-4] == [*ablation.QUICK["extra"], "--train-scenes", "1", "--sentences-per-image", "1"]
+    items = len(data.build_dataset("shapes", "train", image_size=32, num_images=1, load_images=False,
+                                   load_masks=False))
+    assert items < 8 and budget["steps_per_epoch"] == items // 4  # full batches of 4 (8 items: 2)
 
 
 def test_summary_is_mean_and_sample_std_over_seeds_in_percent():
