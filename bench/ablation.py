@@ -22,8 +22,8 @@ Runs go to <out>/runs/<variant>/seed<k>/ (train.py's last.pt and metrics.jsonl, 
 train.log, and result.json); the console gets a line per run. A run whose result.json exists is not run
 again (a result made with other settings is refused: use another --out); a killed run continues from its
 last.pt (`--resume auto`, exact), and its result.json then says from which step its seconds count. Prints
-the table and writes <out>/ablation.json and, when matplotlib is installed (`pip install matplotlib`; an
-optional bench dependency, not in requirements.txt), <out>/ablation.png. Seconds are the wall and CPU
+the table and writes <out>/ablation.json and, when matplotlib is installed (it is in requirements.txt; a
+trimmed environment without it gets no chart), <out>/ablation.png. Seconds are the wall and CPU
 (process) time of each `train.main` call, data building and the final validation included; they depend on
 the machine and its load.
 
