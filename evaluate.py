@@ -116,38 +116,30 @@ class _RankSummed:
         self.load_state(state)
 
 
-class RISMetrics(_RankSummed):
-    """Running sums for oIoU, mIoU and Prec@X over a split; sums add up across DDP ranks.
+class _IoUSums(_RankSummed):
+    """ΣI, ΣU, ΣIoU, the count and the hits of each IoU threshold: the running sums that `RISMetrics` and
+    `PhraseCutMetrics` keep (they differ in how a pair's IoU is defined and how a hit is counted)."""
 
-    Keeps ΣI, ΣU, ΣIoU, the pair count and the hits of each Prec@X threshold, so the result is
-    the same however the pairs are batched, ordered or sharded over processes.
-    """
-
-    def __init__(self, thresholds: tuple[float, ...] = PREC_THRESHOLDS):
+    def __init__(self, thresholds: tuple[float, ...]):
         self.thresholds = tuple(float(t) for t in thresholds)
         self.reset()
 
     def reset(self) -> None:
-        """Forget every pair seen so far."""
+        """Forget everything seen so far."""
         self.total_i = 0.0
         self.total_u = 0.0
         self.iou_sum = 0.0
         self.count = 0
         self.hits = [0] * len(self.thresholds)
 
-    def update(self, inter: torch.Tensor, union: torch.Tensor) -> torch.Tensor:
-        """Add a batch of pairs' I and U (B,) (`intersection_union`); returns their IoU (B,) in float64."""
-        inter = inter.detach().reshape(-1).cpu()
-        union = union.detach().reshape(-1).cpu()
-        iou = pair_iou(inter, union)  # (B,)
-        # Empty-GT/empty-prediction pairs have I = U = 0, so they add nothing to ΣI / ΣU.
+    def _add(self, inter: torch.Tensor, union: torch.Tensor, iou: torch.Tensor, *, strict: bool) -> None:
+        """Add (B,) I, U and IoU; a hit of threshold t is IoU > t (`strict`) or IoU >= t."""
         self.total_i += float(inter.double().sum())
         self.total_u += float(union.double().sum())
         self.iou_sum += float(iou.sum())
         self.count += int(iou.numel())
         for k, t in enumerate(self.thresholds):
-            self.hits[k] += int((iou >= t).sum())  # ≥, as the RIS papers count
-        return iou
+            self.hits[k] += int(((iou > t) if strict else (iou >= t)).sum())
 
     def state(self) -> torch.Tensor:
         """The sums as one float64 vector [ΣI, ΣU, ΣIoU, count, hits...] (exact below 2**53)."""
@@ -160,6 +152,26 @@ class RISMetrics(_RankSummed):
         self.total_i, self.total_u, self.iou_sum = values[0], values[1], values[2]
         self.count = int(round(values[3]))
         self.hits = [int(round(v)) for v in values[4:]]
+
+
+class RISMetrics(_IoUSums):
+    """Running sums for oIoU, mIoU and Prec@X over a split; sums add up across DDP ranks.
+
+    Keeps ΣI, ΣU, ΣIoU, the pair count and the hits of each Prec@X threshold, so the result is
+    the same however the pairs are batched, ordered or sharded over processes.
+    """
+
+    def __init__(self, thresholds: tuple[float, ...] = PREC_THRESHOLDS):
+        super().__init__(thresholds)
+
+    def update(self, inter: torch.Tensor, union: torch.Tensor) -> torch.Tensor:
+        """Add a batch of pairs' I and U (B,) (`intersection_union`); returns their IoU (B,) in float64."""
+        inter = inter.detach().reshape(-1).cpu()
+        union = union.detach().reshape(-1).cpu()
+        iou = pair_iou(inter, union)  # (B,)
+        # Empty-GT/empty-prediction pairs have I = U = 0, so they add nothing to ΣI / ΣU.
+        self._add(inter, union, iou, strict=False)  # a hit is IoU ≥ X, as the RIS papers count
+        return iou
 
     def compute(self) -> dict:
         """The metrics as fractions in [0, 1] (multiply by 100 for the papers' tables).
@@ -364,7 +376,7 @@ class GRESMetrics(_RankSummed):
         return out
 
 
-class PhraseCutMetrics(_RankSummed):
+class PhraseCutMetrics(_IoUSums):
     """PhraseCut's mask metrics as the official `utils/evaluator.py` computes them.
 
     Per task, IoU = I/U from `utils/iou.py iou_polygons_masks`, which is 0 whenever I = 0: an empty
@@ -376,16 +388,7 @@ class PhraseCutMetrics(_RankSummed):
     """
 
     def __init__(self, thresholds: tuple[float, ...] = PHRASECUT_THRESHOLDS):
-        self.thresholds = tuple(float(t) for t in thresholds)
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget every task seen so far."""
-        self.total_i = 0.0
-        self.total_u = 0.0
-        self.iou_sum = 0.0
-        self.count = 0
-        self.hits = [0] * len(self.thresholds)  # tasks with IoU > X
+        super().__init__(thresholds)
 
     def update(self, pred, gt) -> torch.Tensor:
         """Add tasks from their masks.
@@ -407,24 +410,8 @@ class PhraseCutMetrics(_RankSummed):
         inter, union = intersection_union(pred, gt)
         inter, union = inter.double(), union.double()
         iou = torch.where(inter > 0, inter / union.clamp(min=1), torch.zeros_like(inter))  # (B,)
-        self.total_i += float(inter.sum())
-        self.total_u += float(union.sum())
-        self.iou_sum += float(iou.sum())
-        self.count += int(iou.numel())
-        for k, t in enumerate(self.thresholds):
-            self.hits[k] += int((iou > t).sum())  # strictly greater, as the official evaluator
+        self._add(inter, union, iou, strict=True)  # a hit is IoU > X, as the official evaluator counts
         return iou
-
-    def state(self) -> torch.Tensor:
-        """The sums as one float64 vector [ΣI, ΣU, ΣIoU, count, hits...]."""
-        return torch.tensor([self.total_i, self.total_u, self.iou_sum, self.count, *self.hits], dtype=torch.float64)
-
-    def load_state(self, state: torch.Tensor) -> None:
-        """Inverse of `state`."""
-        values = state.double().cpu().tolist()
-        self.total_i, self.total_u, self.iou_sum = values[:3]
-        self.count = int(round(values[3]))
-        self.hits = [int(round(v)) for v in values[4:]]
 
     def compute(self) -> dict:
         """The metrics as fractions in [0, 1]: "mIoU", "cumIoU", "Acc@0.5" ... "Acc@0.9", and "count"."""

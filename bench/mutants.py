@@ -119,7 +119,7 @@ MUTANTS = [
            "for module in (train_step.heads, train_step.model):",
            ("tests/test_train.py",), "optimizer",
            "optimizer parameter order changed (old checkpoints would not resume)"),
-    Mutant("evaluate.py", "self.hits[k] += int((iou >= t).sum())", "self.hits[k] += int((iou > t).sum())",
+    Mutant("evaluate.py", "self._add(inter, union, iou, strict=False)", "self._add(inter, union, iou, strict=True)",
            ("tests/test_evaluate.py",), "prec", "Prec@X counts IoU > X instead of >= X"),
     Mutant("evaluate.py", "inter / union.clamp(min=1), torch.ones_like(union))",
            "inter / union.clamp(min=1), torch.zeros_like(union))",
