@@ -853,14 +853,10 @@ class GRefDataset(RefDataset):
         return mask
 
     def __getitem__(self, index: int) -> dict:
-        ref, sent = self.items[index]
-        entry = self.images[ref["image_id"]]
-        image = self._images(ref["image_id"]) if self.load_images else None
-        mask = self.original_mask(index) if self.load_masks else None
-        return _make_item(index, image, mask, (entry["height"], entry["width"]),
-                          self.ids[index], self.word_mask[index], self.image_size,
-                          ref["ref_id"], sent["sent_id"], ref["image_id"], sent["sent"],
-                          no_target=self.no_target[index])
+        """RefDataset's item (the merged mask from `original_mask`) with this ref's `no_target`."""
+        item = super().__getitem__(index)
+        item["no_target"] = bool(self.no_target[index])
+        return item
 
 
 # ============================================================================================
